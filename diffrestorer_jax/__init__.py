@@ -1,0 +1,1 @@
+"""Diff-Restorer in JAX/Flax."""

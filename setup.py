@@ -1,0 +1,35 @@
+"""Install diffrestorer_jax: `pip install -e .` (runtime) or `pip install -e .[test]`."""
+from setuptools import find_packages, setup
+
+setup(
+    name="diffrestorer_jax",
+    version="0.1.0",
+    description="Diff-Restorer (universal image restoration with a Stable Diffusion prior "
+    "steered by CLIP visual prompts) in JAX/Flax",
+    packages=find_packages(include=["diffrestorer_jax", "diffrestorer_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml_collections>=1.0",
+        "transformers>=5.0",
+        "tensorflow-datasets>=4.9.10",
+        "array_record",
+        "grain>=0.2.18",
+        "safetensors>=0.4",
+        "Pillow>=10",
+        "tqdm",
+        "dm-pix>=0.4.5",
+        "absl-py",
+        "tensorboardX",
+        "numpy",
+    ],
+    extras_require={
+        # PyTorch references for parity tests; torch 2.13.0 is the CPU wheel.
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers>=0.42", "scikit-image>=0.24"],
+        # Ahead-of-time compilation for TPU topologies from a CPU host.
+        "tpu_aot": ["libtpu"],
+    },
+)
