@@ -1,0 +1,78 @@
+"""Defaults shared by every config in `configs/`, and the model presets they pick from.
+
+Configs are ml_collections ConfigDicts (big_vision style): `configs/<name>.py` defines
+`get_config(arg)`, starting from `base_config()` here and changing what differs. Model sub-configs
+use the field names of the reference implementations (diffusers config.json, transformers
+CLIPVisionConfig), so a converted checkpoint's config can be dropped in as it is.
+"""
+import ml_collections
+
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+    cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+    use_linear_projection=False, upcast_attention=False)
+
+SD21_BASE_UNET = dict(SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                      use_linear_projection=True)
+
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+    sample_size=512, scaling_factor=0.18215)
+
+CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu",
+                    layer_norm_eps=1e-5, projection_dim=768)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # stage1: prompt processor + control module; stage2: degradation-aware decoder;
+    # prior_vae / prior_unet: the from-scratch prior of the demo (no SD weights available offline).
+    c.stage = "stage1"
+    c.image_size = 512  # training crop, pixels
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.model.attention_impl = "auto"
+    c.model.remat_policy = "none"  # none | full | save_dots
+    c.model.unet = dict(SD15_UNET)
+    c.model.vae = dict(SD_VAE)
+    c.model.clip = dict(CLIP_VIT_L14)
+    c.model.prompt = dict(hidden_dim=1024, classifier_hidden_dim=512)
+    c.model.control = dict(conditioning_channels=(16, 32, 96, 256), use_film=True,
+                           context="degradation", control_scale=1.0)
+    c.model.decoder = dict(rdb_growth=32, rdb_convs=5, fidelity_weight=1.0)
+
+    # Pretrained weights users bring (diffusers folders, single-file SD, HF / OpenAI CLIP), or None
+    # for a random init (tests, the from-scratch demo prior).
+    c.weights = ml_collections.ConfigDict(dict(unet="", vae="", clip="", init_from=""))
+
+    c.diffusion = ml_collections.ConfigDict(dict(
+        schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        prediction_type="epsilon", rescale_zero_terminal_snr=False, min_snr_gamma=0.0))
+    c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=50, eta=0.0, guidance_scale=1.0,
+                                               strength=1.0))
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=16, num_steps=100_000, learning_rate=1e-5, warmup_steps=500, lr_schedule="constant",
+        weight_decay=1e-2, b1=0.9, b2=0.999, clip_grad_norm=1.0, grad_accum_steps=1, ema_decay=0.9999,
+        classifier_weight=0.1, max_consecutive_skips=20,
+        # stage 2 (decoder): L1 + LPIPS + PatchGAN hinge after gan_start_step
+        lpips_weight=1.0, gan_weight=0.1, gan_start_step=10_000, lpips_vgg="", lpips_lin="",
+        log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
+
+    c.data = ml_collections.ConfigDict(dict(
+        kind="hq_folder",  # hq_folder | paired | mixed | skimage (the bundled demo photos)
+        hq_dir="", paired_dir="", paired_fraction=0.5, flip=True, num_workers=2, prefetch=2))
+    c.degradation = ml_collections.ConfigDict(dict(preset="default"))  # or "paper_protocol"
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
+    c.axis_rules = ()  # empty: diffrestorer_jax.parallel.rules.DEFAULT_RULES
+    return c
