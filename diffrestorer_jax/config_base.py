@@ -74,5 +74,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.degradation = ml_collections.ConfigDict(dict(preset="default"))  # or "paper_protocol"
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
-    c.axis_rules = ()  # empty: diffrestorer_jax.parallel.rules.DEFAULT_RULES
+    # (logical name, mesh axes) pairs overriding diffrestorer_jax.parallel.rules.DEFAULT_RULES by name.
+    c.logical_axis_rules = ()
     return c
