@@ -1,0 +1,133 @@
+"""UNet2DConditionModel parity with diffusers (random weights, tiny configs) and loader errors."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from diffrestorer_jax.convert.core import CheckpointError  # noqa: E402
+from diffrestorer_jax.convert.unet import load_unet, open_weights, unet_config_from_state_dict  # noqa: E402
+
+SD1_LIKE = dict(  # conv proj_in/out, attention_head_dim is the head count (diffusers' SD1 quirk)
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+SD2_LIKE = dict(  # linear proj, per-block heads, upcast, 2 transformer layers in one block, odd sizes
+    sample_size=18, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4, 4), use_linear_projection=True,
+    upcast_attention=True, transformer_layers_per_block=(1, 2, 1))
+
+
+def _save_reference(config, folder, seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every tensor non-trivial
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def _inputs(config, batch=2, height=None, width=None, seq=7, seed=1):
+    rng = np.random.default_rng(seed)
+    h = height or config["sample_size"]
+    w = width or config["sample_size"]
+    x = rng.standard_normal((batch, config["in_channels"], h, w)).astype(np.float32)
+    t = np.array([999.0, 17.0][:batch], np.float32)
+    ctx = rng.standard_normal((batch, seq, config["cross_attention_dim"])).astype(np.float32)
+    return x, t, ctx
+
+
+def _nhwc(a):
+    return jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+
+
+def _assert_close(ours_nhwc, ref_nchw):
+    ref = ref_nchw.detach().numpy().transpose(0, 2, 3, 1)
+    err = np.abs(np.asarray(ours_nhwc) - ref).max()
+    assert err <= 1e-4 * np.abs(ref).max(), f"max abs error {err} vs max |ref| {np.abs(ref).max()}"
+
+
+@pytest.fixture(scope="module")
+def sd1_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("sd1") / "unet")
+    model = _save_reference(SD1_LIKE, folder)
+    return folder, model
+
+
+def _skip_shapes(model, x, t, ctx):
+    """Shapes of the reference's skip features, read by running its down path."""
+    down_res, mid = [], None
+    with torch.no_grad():
+        h = model.conv_in(x)
+        temb = model.time_embedding(model.time_proj(t))
+        down_res.append(h)
+        for block in model.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(h, temb, encoder_hidden_states=ctx)
+            else:
+                h, res = block(h, temb)
+            down_res += list(res)
+        mid = model.mid_block(h, temb, encoder_hidden_states=ctx)
+    return [r.shape for r in down_res], mid.shape
+
+
+def _check_parity(folder, model, config, with_residuals, height=None, width=None):
+    x, t, ctx = _inputs(config, height=height, width=width)
+    xt, tt, ct = map(torch.from_numpy, (x, t, ctx))
+    kwargs_t, kwargs_j = {}, {}
+    if with_residuals:
+        rng = np.random.default_rng(5)
+        shapes, mid_shape = _skip_shapes(model, xt, tt, ct)
+        down = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        mid = rng.standard_normal(mid_shape).astype(np.float32)
+        kwargs_t = dict(down_block_additional_residuals=tuple(torch.from_numpy(d) for d in down),
+                        mid_block_additional_residual=torch.from_numpy(mid))
+        kwargs_j = dict(down_block_additional_residuals=tuple(_nhwc(d) for d in down),
+                        mid_block_additional_residual=_nhwc(mid))
+    with torch.no_grad():
+        ref = model(xt, tt, encoder_hidden_states=ct, **kwargs_t).sample
+    module, params = load_unet(folder)
+    out = jax.jit(module.apply)({"params": params}, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx), **kwargs_j)
+    assert out.dtype == jnp.float32
+    _assert_close(out, ref)
+
+
+def test_sd1_like_matches_diffusers(sd1_dir):
+    folder, model = sd1_dir
+    _check_parity(folder, model, SD1_LIKE, with_residuals=False)
+
+
+def test_sd1_like_with_controlnet_residuals(sd1_dir):
+    folder, model = sd1_dir
+    _check_parity(folder, model, SD1_LIKE, with_residuals=True)
+
+
+def test_sd2_like_matches_diffusers_odd_size_with_residuals(tmp_path):
+    folder = str(tmp_path / "unet")
+    model = _save_reference(SD2_LIKE, folder)
+    _check_parity(folder, model, SD2_LIKE, with_residuals=True, height=18, width=14)
+
+
+def test_config_inferred_from_weights_matches_saved_config(tmp_path, sd1_dir):
+    folder, _ = sd1_dir
+    inferred = unet_config_from_state_dict(open_weights(folder), attention_head_dim=4, norm_num_groups=8)
+    saved = json.load(open(os.path.join(folder, "config.json")))
+    for key in ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                "layers_per_block", "cross_attention_dim", "use_linear_projection", "transformer_layers_per_block"):
+        assert inferred[key] == saved[key], key
+    folder2 = str(tmp_path / "unet")
+    _save_reference(SD2_LIKE, folder2)
+    inferred = unet_config_from_state_dict(open_weights(folder2))
+    assert inferred["use_linear_projection"] is True
+    assert inferred["transformer_layers_per_block"] == (1, 2, 1)
+    assert inferred["cross_attention_dim"] == 64
