@@ -102,17 +102,25 @@ def _load_pickle(path: str) -> Dict[str, object]:
 
 
 class RenamedStateDict(Mapping):
-    """A view of another state dict under new key names (`rename` maps new -> old)."""
+    """A view of another state dict under new key names (`rename` maps new -> old).
 
-    def __init__(self, base, rename: Mapping[str, str], path: Optional[str] = None):
+    An entry may instead map to a function `f(base) -> tensor`, for tensors that must be derived
+    rather than renamed (a slice of a fused qkv projection, a transposed projection matrix).
+    """
+
+    def __init__(self, base, rename: Mapping[str, object], path: Optional[str] = None):
         self.base, self.rename = base, dict(rename)
         self.path = path or getattr(base, "path", "<state dict>")
 
     def __getitem__(self, key):
-        return self.base[self.rename[key]]
+        src = self.rename[key]
+        return src(self.base) if callable(src) else self.base[src]
 
     def shape(self, key):
-        return tuple(_shape_of(self.base, self.rename[key]))
+        src = self.rename[key]
+        if callable(src):
+            return tuple(np.shape(src(self.base)))
+        return tuple(_shape_of(self.base, src))
 
     def __iter__(self):
         return iter(self.rename)
