@@ -97,3 +97,72 @@ def test_tiled_apply_with_scale():
     np.testing.assert_allclose(back, z[..., :3], atol=1e-6)
     with pytest.raises(ValueError, match="scale"):
         jax.eval_shape(lambda v: tiling.tiled_apply(up, v, 8, 4, 4), z)
+
+# ---------------------------------------------------------------- colour fix
+
+from diffrestorer_jax.infer import colorfix  # noqa: E402
+
+
+def _photo():
+    return jnp.asarray(data.astronaut()[100:164, 180:276] / 255.0, jnp.float32)[None]
+
+
+def _heavy_blur(x):
+    """An independent low-pass for measuring (a box mean over 17x17, 'valid')."""
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 17, 17, 1), (1, 1, 1, 1), "VALID") / 289
+
+
+def test_adain_matches_reference_stats():
+    ref = _photo()
+    restored = jnp.clip(ref[:, ::-1] * 0.6 + jnp.array([0.3, 0.1, 0.0]), 0, 1)  # wrong colours
+    out = jax.jit(lambda a, b: colorfix.adain_color_fix(a, b, clip=False))(restored, ref)
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), ref.mean(axis=(1, 2)), atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2)), ref.std(axis=(1, 2)), atol=1e-3)
+    assert np.abs(restored.mean(axis=(1, 2)) - ref.mean(axis=(1, 2))).max() > 0.05
+
+
+def test_wavelet_exact_cases():
+    ref = _photo() * 0.8 + 0.1
+    shifted = ref + jnp.array([0.1, -0.05, 0.02])  # a pure colour cast is removed exactly
+    out = colorfix.wavelet_color_fix(shifted, ref, clip=False)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # a pixel-period checkerboard has no low frequencies: it survives untouched away from the
+    # borders (edge padding leaks into 1 + 2 + 4 pixels with 3 levels)
+    yy, xx = np.mgrid[:64, :96]
+    checker = jnp.asarray(((yy + xx) % 2 * 2 - 1) * 0.05, jnp.float32)[None, :, :, None]
+    out = colorfix.wavelet_color_fix(ref + checker, ref, levels=3, clip=False)
+    np.testing.assert_allclose(out[:, 8:-8, 8:-8], (ref + checker)[:, 8:-8, 8:-8], atol=1e-5)
+
+
+def test_wavelet_keeps_ref_low_and_restored_high():
+    ref = _photo()
+    sharp = _photo()
+    restored = sharp * 0.7 + jnp.array([0.25, 0.0, 0.1])  # same detail, wrong tone and colour
+    ref = jax.image.resize(jax.image.resize(ref, (1, 16, 24, 3), "linear"), ref.shape, "linear")
+    out = jax.jit(lambda a, b: colorfix.wavelet_color_fix(a, b, clip=False))(restored, ref)
+    low_err = np.abs(_heavy_blur(out) - _heavy_blur(ref)).mean()
+    low_err_before = np.abs(_heavy_blur(restored) - _heavy_blur(ref)).mean()
+    high = lambda z: z[:, 8:-8, 8:-8] - _heavy_blur(z)
+    high_err = np.abs(high(out) - high(restored)).mean()
+    high_err_ref = np.abs(high(ref) - high(restored)).mean()
+    assert low_err < 0.25 * low_err_before
+    assert high_err < 0.5 * high_err_ref
+
+
+def test_auto_skips_low_light_and_haze():
+    names = colorfix.DEGRADATION_TYPES
+    probs = jax.nn.one_hot(jnp.arange(len(names)), len(names))
+    keep = np.asarray(colorfix.should_color_fix(probs))
+    assert [n for n, k in zip(names, keep) if not k] == ["haze", "low_light"]
+    ref = jnp.tile(_photo(), (3, 1, 1, 1))
+    restored = jnp.clip(ref * 0.5 + 0.4, 0, 1)
+    probs = jax.nn.one_hot(jnp.array([names.index("low_light"), names.index("noise"),
+                                      names.index("haze")]), len(names))
+    for method in ("wavelet", "adain"):
+        out = jax.jit(colorfix.auto_color_fix, static_argnames="method")(restored, ref, probs,
+                                                                         method=method)
+        np.testing.assert_array_equal(out[0], restored[0])
+        np.testing.assert_array_equal(out[2], restored[2])
+        assert np.abs(out[1] - restored[1]).mean() > 0.05
+    with pytest.raises(ValueError, match="colour fix"):
+        colorfix.color_fix(restored, ref, "histogram")
