@@ -1,0 +1,76 @@
+"""Every attention implementation against the XLA reference (and XLA against a plain einsum)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrestorer_jax.models.attention import dot_product_attention
+
+
+def _qkv(b, lq, lk, h, d, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    shapes = ((b, lq, h, d), (b, lk, h, d), (b, lk, h, d))
+    return [jax.random.normal(key, s, jnp.float32).astype(dtype) for key, s in zip(ks, shapes)]
+
+
+def _einsum_attention(q, k, v, scale):
+    w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def test_xla_matches_einsum_and_default_scale():
+    q, k, v = _qkv(2, 17, 9, 3, 8)
+    ref = _einsum_attention(q, k, v, 8 ** -0.5)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, implementation="xla"), ref, atol=1e-5)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, scale=0.3, implementation="xla"),
+                               _einsum_attention(q, k, v, 0.3), atol=1e-5)
+
+
+def test_auto_is_xla_on_cpu():
+    q, k, v = _qkv(1, 33, 33, 2, 16)
+    np.testing.assert_array_equal(dot_product_attention(q, k, v, implementation="auto"),
+                                  dot_product_attention(q, k, v, implementation="xla"))
+
+
+def test_upcast_keeps_dtype_and_is_float32_accurate():
+    q, k, v = _qkv(1, 40, 40, 2, 16, dtype=jnp.bfloat16)
+    out = dot_product_attention(q, k, v, upcast=True, implementation="xla")
+    assert out.dtype == jnp.bfloat16
+    ref = _einsum_attention(*(t.astype(jnp.float32) for t in (q, k, v)), 16 ** -0.5)
+    assert float(jnp.abs(out.astype(jnp.float32) - ref).max()) < 1e-2
+
+
+@pytest.mark.parametrize("b,lq,lk,h,d", [(2, 200, 200, 2, 40),   # self-attn, padded 200 -> 256
+                                         (1, 128, 77, 2, 64)])   # cross-attn, 77 padded keys masked
+def test_pallas_tpu_interpret_matches_xla(b, lq, lk, h, d):
+    q, k, v = _qkv(b, lq, lk, h, d, seed=1)
+    ours = jax.jit(lambda *a: dot_product_attention(*a, scale=0.2, implementation="pallas_tpu"))(q, k, v)
+    ref = dot_product_attention(q, k, v, scale=0.2, implementation="xla")
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_pallas_tpu_interpret_gradient_matches_xla():
+    q, k, v = _qkv(1, 128, 100, 1, 32, seed=2)
+    loss = lambda impl: lambda *a: jnp.sum(jnp.sin(dot_product_attention(*a, implementation=impl)))
+    ours = jax.jit(jax.grad(loss("pallas_tpu"), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for a, r in zip(ours, ref):
+        np.testing.assert_allclose(a, r, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_matches_xla():
+    q, k, v = _qkv(2, 300, 77, 4, 64, dtype=jnp.bfloat16)
+    ours = dot_product_attention(q, k, v, implementation="cudnn")
+    ref = dot_product_attention(q, k, v, implementation="xla", upcast=True)
+    np.testing.assert_allclose(ours.astype(jnp.float32), ref.astype(jnp.float32), atol=2e-2)
+
+
+def test_errors_are_clear():
+    q, k, v = _qkv(1, 8, 8, 1, 8)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        dot_product_attention(q, k, v, implementation="flash")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU"):
+            dot_product_attention(q, k, v, implementation="cudnn")
