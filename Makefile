@@ -10,6 +10,9 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The LPIPS parity reference; --no-deps because its torchvision requirement does not import
+	# beside the CPU torch wheel (the test supplies the few torchvision pieces lpips needs).
+	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)
