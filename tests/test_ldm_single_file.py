@@ -76,6 +76,47 @@ def vae_to_ldm(sd, levels):
     return out
 
 
+_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_to_ldm(sd, layers_per_block, prefix="model.diffusion_model."):
+    """diffusers UNet2DConditionModel keys -> CompVis keys (input/middle/output_blocks numbering)."""
+    n = layers_per_block + 1  # LDM entries per level: the resnets, then the down/upsampler
+    up_has_attn = {int(k.split(".")[1]) for k in sd if k.startswith("up_blocks.") and ".attentions." in k}
+    out = {}
+    for key, t in sd.items():
+        p = key.split(".")
+        res = lambda q: _RES[q[0]] + "." + ".".join(q[1:])  # noqa: E731
+        if p[0] == "conv_in":
+            k = "input_blocks.0.0." + p[1]
+        elif p[0] == "time_embedding":
+            k = f"time_embed.{0 if p[1] == 'linear_1' else 2}.{p[2]}"
+        elif p[0] in ("conv_norm_out", "conv_out"):
+            k = f"out.{0 if p[0] == 'conv_norm_out' else 2}.{p[1]}"
+        elif p[0] == "mid_block":
+            k = (f"middle_block.{2 * int(p[2])}.{res(p[3:])}" if p[1] == "resnets"
+                 else "middle_block.1." + ".".join(p[3:]))
+        elif p[0] == "down_blocks":
+            b, kind = int(p[1]), p[2]
+            if kind == "downsamplers":
+                k = f"input_blocks.{(b + 1) * n}.0.op." + ".".join(p[5:])
+            else:
+                i = 1 + b * n + int(p[3])
+                k = f"input_blocks.{i}.0.{res(p[4:])}" if kind == "resnets" else f"input_blocks.{i}.1." + ".".join(p[4:])
+        elif p[0] == "up_blocks":
+            b, kind = int(p[1]), p[2]
+            if kind == "upsamplers":
+                k = f"output_blocks.{b * n + n - 1}.{2 if b in up_has_attn else 1}.conv." + ".".join(p[5:])
+            else:
+                i = b * n + int(p[3])
+                k = f"output_blocks.{i}.0.{res(p[4:])}" if kind == "resnets" else f"output_blocks.{i}.1." + ".".join(p[4:])
+        else:
+            raise AssertionError(f"test map does not know {key}")
+        out[prefix + k] = t.contiguous()
+    return out
+
+
 def junk_text_encoder():
     """A few cond_stage_model tensors, as in a real SD file (ignored by the VAE and UNet loaders)."""
     return {"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(10, 8)}
@@ -166,3 +207,80 @@ def test_clip_file_passed_as_sd(tmp_path):
         load_unet_single_file(path)
     with pytest.raises(CheckpointError, match=r"clip.safetensors: no VAE .*CLIP"):
         load_vae_single_file(path)
+
+
+# ------------------------------------------------------------------------------------------ UNet
+SD1_LIKE = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+SD2_LIKE = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                norm_num_groups=8, cross_attention_dim=64, attention_head_dim=(2, 4, 4),
+                use_linear_projection=True, upcast_attention=True)
+
+
+def unet_inputs(config, seed=1):
+    rng = np.random.default_rng(seed)
+    s = config["sample_size"]
+    x = rng.standard_normal((2, s, s, config["in_channels"])).astype(np.float32)
+    t = np.array([999.0, 17.0], np.float32)
+    ctx = rng.standard_normal((2, 7, config["cross_attention_dim"])).astype(np.float32)
+    return x, t, ctx
+
+
+def torch_unet(model, x, t, ctx):
+    with torch.no_grad():
+        return nhwc(model(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy())
+
+
+def make_unet_file(config, folder, seed, ema_seed=None):
+    """Save a tiny diffusers UNet under folder/unet and an LDM single file (with the tiny VAE and a
+    text-encoder stub). With `ema_seed`, `ref` becomes the file's EMA copy (model_ema.*, dots removed)
+    and a second random model (returned third) its plain model.diffusion_model.* weights."""
+    torch.manual_seed(seed)
+    ref = randomize_(diffusers.UNet2DConditionModel(**config), seed)
+    ref.save_pretrained(str(folder / "unet"))
+    ldm, other = unet_to_ldm(ref.state_dict(), config["layers_per_block"]), None
+    if ema_seed is not None:
+        other = randomize_(diffusers.UNet2DConditionModel(**config), ema_seed)
+        ldm = {**{"model_ema." + k[len("model."):].replace(".", ""): v for k, v in ldm.items()},
+               **unet_to_ldm(other.state_dict(), config["layers_per_block"]),
+               "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)}
+    ldm.update(junk_text_encoder())
+    ldm.update(vae_to_ldm(diffusers.AutoencoderKL(**TINY_VAE).state_dict(), 2))
+    path = str(folder / "sd.safetensors")
+    save_file(ldm, path)
+    return ref, path, other
+
+
+def test_sd1_like_file_with_ema_and_plain_weights(tmp_path, caplog):
+    """EMA chosen by default (and logged); the plain weights on request; config inferred from shapes."""
+    ema_ref, path, plain_ref = make_unet_file(SD1_LIKE, tmp_path, seed=6, ema_seed=7)
+    x, t, ctx = unet_inputs(SD1_LIKE)
+    want_ema, want_plain = torch_unet(ema_ref, x, t, ctx), torch_unet(plain_ref, x, t, ctx)
+    # diffusers reads the file's plain (non-EMA) weights by default: the test's LDM map is right
+    theirs = diffusers.UNet2DConditionModel.from_single_file(path, config=str(tmp_path), subfolder="unet",
+                                                             local_files_only=True).eval()
+    np.testing.assert_array_equal(torch_unet(theirs, x, t, ctx), want_plain)
+
+    with caplog.at_level(logging.INFO, logger="diffrestorer_jax.convert.ldm"):
+        module, params = load_unet_single_file(path, attention_head_dim=4, norm_num_groups=8)
+    assert "using the EMA UNet weights" in caplog.text
+    _, plain = load_unet_single_file(path, attention_head_dim=4, norm_num_groups=8, prefer_ema=False)
+    apply = jax.jit(module.apply)  # one compilation for both parameter sets
+    close(apply({"params": params}, x, t, ctx), want_ema)
+    close(apply({"params": plain}, x, t, ctx), want_plain)
+
+
+def test_sd2_like_file_matches_diffusers(tmp_path):
+    """Linear projections, per-block heads, upcast attention, one resnet per level; config from folder."""
+    ref, path, _ = make_unet_file(SD2_LIKE, tmp_path, seed=5)
+    x, t, ctx = unet_inputs(SD2_LIKE)
+    want = torch_unet(ref, x, t, ctx)
+    theirs = diffusers.UNet2DConditionModel.from_single_file(path, config=str(tmp_path), subfolder="unet",
+                                                             local_files_only=True).eval()
+    np.testing.assert_array_equal(torch_unet(theirs, x, t, ctx), want)  # the test's LDM file is right
+    module, params = load_unet_single_file(path, config=str(tmp_path))
+    close(jax.jit(module.apply)({"params": params}, x, t, ctx), want)
