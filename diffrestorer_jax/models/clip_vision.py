@@ -245,8 +245,10 @@ def preprocess(images: jax.Array, image_size: int = 224, mean=CLIP_MEAN, std=CLI
 
     The whole image is resized to a square (bicubic, antialiased when shrinking, like PIL's
     BICUBIC), with no crop: Diff-Restorer's CLIP must see every degraded pixel. transformers'
-    CLIPImageProcessor instead resizes the short side to image_size and centre-crops; the two agree
-    exactly for square inputs (and, up to rounding to uint8, which we skip, for any square size).
+    CLIPImageProcessor instead resizes the short side to image_size and centre-crops (and rounds
+    the resized image to uint8, which we skip): for square inputs the two agree up to that rounding,
+    exactly when the input is already image_size x image_size (tested); for other aspect ratios
+    ours keeps the borders the processor would crop away, squeezing the image instead.
     """
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
