@@ -7,15 +7,25 @@
     load_control(path)      diffusers `controlnet/` folder
 
 Each returns `(module, params)`; `module.apply({'params': params}, ...)` takes NHWC images.
-A single file (.safetensors / .ckpt) is read as a CompVis/LDM Stable Diffusion checkpoint.
+A single file (.safetensors / .ckpt) is read as a CompVis/LDM Stable Diffusion checkpoint; a folder
+written by `launch/convert.py` (our converted format, see converted.py) loads without torch.
 """
 import os
 
-from diffrestorer_jax.convert.clip import load_clip_vision
+from diffrestorer_jax.convert.clip import load_clip_vision as _load_clip_source
+from diffrestorer_jax.convert.converted import is_converted, load_converted, save_converted
 from diffrestorer_jax.convert.core import CheckpointError
 
 
+def load_clip_vision(path: str, dtype=None, **kwargs):
+    if is_converted(path):
+        return load_converted(path, dtype)
+    return _load_clip_source(path, dtype, **kwargs)
+
+
 def load_unet(path: str, dtype=None, **kwargs):
+    if is_converted(path):
+        return load_converted(path, dtype)
     if os.path.isfile(path):
         from diffrestorer_jax.convert.ldm import load_unet_single_file
         return load_unet_single_file(path, dtype, **kwargs)
@@ -24,6 +34,8 @@ def load_unet(path: str, dtype=None, **kwargs):
 
 
 def load_vae(path: str, dtype=None, **kwargs):
+    if is_converted(path):
+        return load_converted(path, dtype)
     if os.path.isfile(path):
         from diffrestorer_jax.convert.ldm import load_vae_single_file
         return load_vae_single_file(path, dtype, **kwargs)
@@ -32,8 +44,11 @@ def load_vae(path: str, dtype=None, **kwargs):
 
 
 def load_control(path: str, dtype=None, **kwargs):
+    if is_converted(path):
+        return load_converted(path, dtype)
     from diffrestorer_jax.convert.control import load_control as load_folder
     return load_folder(path, dtype, **kwargs)
 
 
-__all__ = ["load_unet", "load_vae", "load_clip_vision", "load_control", "CheckpointError"]
+__all__ = ["load_unet", "load_vae", "load_clip_vision", "load_control", "save_converted",
+           "load_converted", "CheckpointError"]

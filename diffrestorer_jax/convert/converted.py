@@ -1,0 +1,88 @@
+"""Our own on-disk format for converted weights: an Orbax checkpoint of the params and, beside it,
+`flax_module.json` naming the module class and its fields. Converting a 3.4 GB SD UNet from PyTorch
+takes a while; doing it once (`launch/convert.py`) and loading this format afterwards skips the
+renaming/transposing, and needs neither torch nor the original files.
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from diffrestorer_jax.convert.core import CheckpointError
+
+MODULE_FILE = "flax_module.json"
+PARAMS_DIR = "params"
+
+
+def _module_classes():
+    from diffrestorer_jax.models.clip_vision import CLIPVisionTransformer
+    from diffrestorer_jax.models.control import ControlModule
+    from diffrestorer_jax.models.unet import UNet2DConditionModel
+    from diffrestorer_jax.models.vae import AutoencoderKL
+    return {c.__name__: c for c in (UNet2DConditionModel, AutoencoderKL, CLIPVisionTransformer,
+                                    ControlModule)}
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def module_fields(module) -> Dict[str, Any]:
+    """The constructor fields of a Linen module, JSON-ready (dtypes by name)."""
+    out = {}
+    for f in dataclasses.fields(module):
+        if f.name in ("parent", "name"):
+            continue
+        v = getattr(module, f.name)
+        if f.name in ("dtype", "param_dtype"):
+            v = {"dtype": jnp.dtype(v).name}
+        out[f.name] = _jsonable(v)
+    return out
+
+
+def _from_json(v):
+    if isinstance(v, dict) and set(v) == {"dtype"}:
+        return jnp.dtype(v["dtype"]).type
+    if isinstance(v, list):
+        return tuple(_from_json(x) for x in v)
+    return v
+
+
+def is_converted(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MODULE_FILE))
+
+
+def save_converted(directory: str, module, params) -> None:
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+    with open(os.path.join(directory, MODULE_FILE), "w") as f:
+        json.dump({"class": type(module).__name__, "fields": module_fields(module)}, f, indent=1)
+
+
+def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
+    """(module, params) from a directory written by `save_converted`."""
+    directory = os.path.abspath(directory)
+    try:
+        with open(os.path.join(directory, MODULE_FILE)) as f:
+            spec = json.load(f)
+        cls = _module_classes()[spec["class"]]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: not a converted-weights folder ({MODULE_FILE}: {e})") from e
+    fields = {k: _from_json(v) for k, v in spec["fields"].items()}
+    if dtype is not None:
+        fields["dtype"] = fields["param_dtype"] = dtype
+    module = cls(**fields)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+    if dtype is not None:
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    return module, params
+
