@@ -79,14 +79,26 @@ def put_batch(batch, shardings):
             for k, v in batch.items()}
 
 
+def plan(mesh, rules=DEFAULT_RULES, seed=0, **optim_overrides):
+    """Everything but the state: (tx, targets, state_shardings, batch_shardings, compiled_step)."""
+    tx = make_tx(**optim_overrides)
+    targets, shard = sharding.plan_sharded(lambda r: init_fn(tx, r), mesh, rules,
+                                           jax.random.PRNGKey(seed))
+    bsh = batch_shardings(mesh, rules)
+    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch_at(0).items()}
+    step = sharding.compile_step(make_step(tx), (shard, bsh), (shard, sharding.replicated(mesh)), (0,),
+                                 targets, example, mesh=mesh, rules=rules,
+                                 compiler_options=FAST_COMPILE)
+    return tx, targets, shard, bsh, step
+
+
+def init_state(tx, mesh, rules=DEFAULT_RULES, seed=0):
+    state, _ = sharding.init_sharded(lambda r: init_fn(tx, r), mesh, rules, jax.random.PRNGKey(seed),
+                                     compiler_options=FAST_COMPILE)
+    return state
+
+
 def setup(mesh, rules=DEFAULT_RULES, seed=0, **optim_overrides):
     """Sharded state + AOT-compiled step for `mesh`: (state, state_shardings, compiled_step, batch_sh)."""
-    tx = make_tx(**optim_overrides)
-    state, shard = sharding.init_sharded(lambda r: init_fn(tx, r), mesh, rules, jax.random.PRNGKey(seed),
-                                         compiler_options=FAST_COMPILE)
-    bsh = batch_shardings(mesh, rules)
-    example = put_batch(batch_at(0), bsh)
-    step = sharding.compile_step(make_step(tx), (shard, bsh), (shard, sharding.replicated(mesh)), (0,),
-                                 state, example, mesh=mesh, rules=rules,
-                                 compiler_options=FAST_COMPILE)
-    return state, shard, step, bsh
+    tx, _, shard, bsh, step = plan(mesh, rules, seed, **optim_overrides)
+    return init_state(tx, mesh, rules, seed), shard, step, bsh

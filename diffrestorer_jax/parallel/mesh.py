@@ -105,13 +105,15 @@ def _hybrid_grid(ici, dcn, devices):
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None, **kwargs) -> bool:
+                                 process_id: Optional[int] = None, force: bool = False,
+                                 **kwargs) -> bool:
     """Call `jax.distributed.initialize` when this is a multi-process launch; a no-op otherwise.
 
     A launch is multi-process when explicit arguments say so, when the coordinator env vars are set
     (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID), or when a cluster JAX knows how to
-    detect is present (SLURM with several tasks, a TPU pod with several workers). Must run before any
-    other JAX call. Returns True when it initialised.
+    detect is present (SLURM with several tasks, TPU_WORKER_HOSTNAMES listing several workers), or when
+    `force` is set (a pod launch script knows it is multi-host; JAX then auto-detects the cluster from
+    the TPU metadata). Must run before any other JAX call. Returns True when it initialised.
     """
     env = os.environ
     coordinator_address = coordinator_address or next(
@@ -122,7 +124,7 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
         process_id = int(env["JAX_PROCESS_ID"])
     explicit = coordinator_address is not None and (num_processes or 1) > 1
     detected = int(env.get("SLURM_NTASKS", "1")) > 1 or _tpu_pod_workers() > 1
-    if not (explicit or detected):
+    if not (explicit or detected or force):
         return False
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         # CPU processes need a cross-process collectives backend (jax 0.10's default is gloo already).
@@ -136,4 +138,7 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
 def _tpu_pod_workers() -> int:
     """Number of TPU VM workers from the env the TPU runtime sets (1 when not on a pod)."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hosts.split(",") if h]) if hosts else 1
+    names = [h.strip() for h in hosts.split(",") if h.strip()]
+    if any(" " in h for h in names):  # a runtime's warning text, not a host list
+        return 1
+    return max(1, len(names))

@@ -101,6 +101,18 @@ def mesh_context(mesh: Mesh, rules: Sequence = DEFAULT_RULES):
         yield
 
 
+def plan_sharded(init_fn: Callable, mesh: Mesh, rules: Sequence, *args):
+    """(targets, shardings) for the state `init_fn(*args)` would build, without computing it.
+
+    `targets` are ShapeDtypeStructs carrying the shardings: what a restore reads into and what AOT
+    compilation lowers against, so a resumed run never materialises a throw-away random init.
+    """
+    with mesh_context(mesh, rules):
+        abstract = jax.eval_shape(init_fn, *args)
+    shardings = tree_shardings(abstract, mesh, rules)
+    return abstract_with_shardings(abstract, shardings), shardings
+
+
 def init_sharded(init_fn: Callable, mesh: Mesh, rules: Sequence, *args,
                  compiler_options: Optional[dict] = None):
     """Run `init_fn(*args)` (which returns a boxed tree) so that every output is born sharded.

@@ -1,0 +1,124 @@
+"""Orbax checkpointing of the train state, the config and the data iterator's position.
+
+One checkpoint step = three items, so a run restarts exactly where it was:
+  'state'   the train state (sharded jax arrays; each host writes its own shards, asynchronously);
+  'config'  the run's config as JSON (to see what produced a checkpoint, and to detect mismatches);
+  'data'    the input pipeline's state, an opaque JSON-able dict (or bytes) from the caller.
+Restore takes a *target*: the abstract state whose ShapeDtypeStructs carry the shardings wanted now
+(`sharding.abstract_with_shardings`). Orbax reads each shard straight into that layout, so a
+checkpoint written on a (2, 4) mesh loads onto (8, 1) or one device, and the restored arrays carry the
+very sharding objects the compiled step expects (no recompile after a restore).
+RNG keys in the state must be raw uint32 arrays (`jax.random.PRNGKey`), not typed key arrays.
+"""
+import base64
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+_BYTES_TAG = "__bytes_base64__"
+
+
+def _config_to_json(config) -> dict:
+    """ConfigDict / dict -> plain JSON-able dict (ConfigDict.to_json handles tuples and nesting)."""
+    if config is None:
+        return {}
+    if hasattr(config, "to_json"):
+        return json.loads(config.to_json())
+    return json.loads(json.dumps(config, default=str))
+
+
+def _data_to_json(data_state) -> dict:
+    if isinstance(data_state, (bytes, bytearray)):
+        return {_BYTES_TAG: base64.b64encode(bytes(data_state)).decode("ascii")}
+    return {} if data_state is None else dict(data_state)
+
+
+def _data_from_json(blob):
+    if isinstance(blob, Mapping) and set(blob) == {_BYTES_TAG}:
+        return base64.b64decode(blob[_BYTES_TAG])
+    return blob
+
+
+class Checkpointer:
+    """A CheckpointManager that saves every `save_every` steps, keeps the last `keep`, async by default.
+
+    The loop calls `maybe_save(step, ...)` every step (cheap when it is not a save step) and
+    `save(step, ..., force=True)` on preemption; `close()` (or the context manager) waits for pending
+    writes, which is what makes an exit after a save safe.
+    """
+
+    def __init__(self, directory: str, save_every: int = 1000, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = max(1, int(save_every))
+        # The interval is ours (step % save_every == 0); orbax's own rule also saves the first step seen.
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1, max_to_keep=keep,
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "config", "data"))
+
+    def maybe_save(self, step: int, state, config=None, data_state=None, force: bool = False) -> bool:
+        """Save if `step` is a multiple of `save_every` (or `force`); returns whether a save started."""
+        if not force and int(step) % self.save_every:
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  config=ocp.args.JsonSave(_config_to_json(config)),
+                                  data=ocp.args.JsonSave(_data_to_json(data_state)))
+        saved = self.manager.save(int(step), args=args, force=True)
+        if saved:
+            logging.info("checkpoint: saving step %d to %s", step, self.directory)
+        return saved
+
+    def save(self, step: int, state, config=None, data_state=None) -> bool:
+        """Save now, whatever the interval (preemption, end of training). Skips an existing step."""
+        if int(step) in self.manager.all_steps():
+            return False
+        return self.maybe_save(step, state, config, data_state, force=True)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self):
+        return list(self.manager.all_steps())
+
+    def restore(self, target_state, step: Optional[int] = None) -> Tuple[Any, dict, Any]:
+        """(state, config_json, data_state) of `step` (default: latest) laid out like `target_state`.
+
+        `target_state` is a tree of ShapeDtypeStructs with shardings (or arrays, whose shardings are
+        used). Raises FileNotFoundError naming the directory when there is nothing to restore.
+        """
+        step = self.latest_step() if step is None else int(step)
+        if step is None or step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
+                                    f"{self.directory} (steps there: {self.all_steps()})")
+        target = jax.tree.map(_as_target, target_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore(),
+            data=ocp.args.JsonRestore()))
+        logging.info("checkpoint: restored step %d from %s", step, self.directory)
+        return restored["state"], restored["config"], _data_from_json(restored["data"])
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _as_target(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))

@@ -1,0 +1,108 @@
+"""Run JAX worker scripts as subprocesses: own env (device count), own log file, free ports.
+
+Not a test file: the harness behind test_checkpoint / test_multiprocess, reusable for the real
+training loop (`launch/train.py` can be started exactly like a worker script).
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import portpicker
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+def worker_env(num_devices: int, **extra: str) -> Dict[str, str]:
+    """The parent's env with `num_devices` fake CPU devices and the repo importable."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def distributed_envs(num_processes: int, devices_per_process: int) -> List[Dict[str, str]]:
+    """One env per process for `jax.distributed.initialize` on localhost (read by
+    `parallel.mesh.maybe_initialize_distributed`), sharing a fresh coordinator port."""
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    return [worker_env(devices_per_process, JAX_COORDINATOR_ADDRESS=address,
+                       JAX_NUM_PROCESSES=num_processes, JAX_PROCESS_ID=i)
+            for i in range(num_processes)]
+
+
+class Worker:
+    """One python subprocess whose stdout+stderr go to `log_path` (no pipe to fill up and block)."""
+
+    def __init__(self, script: str, args: Sequence[str], env: Dict[str, str], log_path: str):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, script, *map(str, args)], env=env, cwd=REPO,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
+        """Block until a line matching `pattern` is printed; fail with the log if it dies or times out."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            match = re.search(pattern, self.output(), re.MULTILINE)
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode} before {pattern!r}:\n"
+                                     f"{self.output()[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {pattern!r}:\n{self.output()[-4000:]}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 300.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_workers(script: str, args: Sequence[Sequence[str]], envs: Sequence[Dict[str, str]],
+                log_dir: str, timeout: float = 300.0) -> List[tuple]:
+    """Start one worker per (args, env) at once, wait for all; [(returncode, output), ...].
+
+    Any worker left running at the timeout (e.g. peers of a crashed process blocked in a collective)
+    is killed, so a failing test never leaves orphans.
+    """
+    workers = [Worker(script, a, e, os.path.join(log_dir, f"worker_{i}.log"))
+               for i, (a, e) in enumerate(zip(args, envs))]
+    deadline = time.time() + timeout
+    results = []
+    try:
+        for w in workers:
+            rc: Optional[int]
+            try:
+                rc = w.wait(max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                rc = None
+            results.append((rc, w.output()))
+    finally:
+        for w in workers:
+            w.kill()
+    return results
+
+
+def script(name: str) -> str:
+    """Absolute path of a worker script in tests/."""
+    return os.path.join(TESTS, name)
