@@ -231,3 +231,13 @@ def test_sharded_equals_single_device(tmp_path):
         out = jax.jit(module.apply)({"params": sharded_params}, jax.device_put(x, batch_sharding(mesh, 4)))
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(single)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_dtypes_come_from_the_caller_not_the_checkpoint(tmp_path):
+    """A float16 checkpoint (config "dtype": "float16") loads as float32 unless a dtype is asked."""
+    _build("vision", "quick_gelu").half().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()).get("dtype") == "float16"
+    module, params = load_clip_vision(str(tmp_path))
+    assert module.dtype == jnp.float32 and {l.dtype for l in jax.tree.leaves(params)} == {np.dtype("float32")}
+    module, params = load_clip_vision(str(tmp_path), dtype=jnp.bfloat16)
+    assert module.dtype == jnp.bfloat16 and {l.dtype for l in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}

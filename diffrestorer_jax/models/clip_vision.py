@@ -226,8 +226,12 @@ class CLIPVisionTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides) -> "CLIPVisionTransformer":
-        """Build from a transformers-style vision config dict; unknown keys (dropout, init) ignored."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+        """Build from a transformers-style vision config dict; unknown keys (dropout, init) ignored.
+
+        The config's `dtype`/`torch_dtype` is how the PyTorch weights were stored, not a compute
+        dtype, so dtypes come only from `overrides`.
+        """
+        names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype", "param_dtype"}
         kwargs = {k: v for k, v in dict(config).items() if k in names}
         kwargs.update(overrides)
         return cls(**kwargs)
