@@ -45,7 +45,8 @@ def restore_or_init(ckpt, tx, targets, mesh):
 
 def main():
     args = parse()
-    mesh_lib.maybe_initialize_distributed()
+    if mesh_lib.maybe_initialize_distributed():
+        print(f"PROCESSES {jax.process_index()} of {jax.process_count()}", flush=True)
     jax.config.update("jax_default_matmul_precision", "highest")
     data, fsdp, tensor = (int(v) for v in args.mesh.split(","))
     mesh = mesh_lib.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor})
