@@ -108,4 +108,4 @@ def update_ema(ema_params, params, decay: float):
 
 def global_norm(tree) -> jax.Array:
     """Global L2 norm of a gradient tree (float32), for metrics."""
-    return optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
