@@ -25,16 +25,17 @@ SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 
 
 def np_model(x, t):
-    """The fake network in numpy/torch (float32)."""
+    """The fake network in numpy/torch (float32): roughly the ideal eps of N(0, 1) data,
+    sqrt(1 - alpha_bar) x, so latents stay O(1) and float32 round-off stays comparable to 1e-5."""
     x = torch.as_tensor(np.asarray(x, np.float32))
-    scale = 0.5 + float(t) / 2000.0
-    return (torch.tanh(x) * scale + 0.05 * x).numpy()
+    scale = np.float32(0.95 * np.sqrt(np.float32(t) / np.float32(1000.0)))
+    return (scale * x + 0.1 * torch.tanh(x)).numpy()
 
 
 def jax_model(x, t):
     """The same fake network in jax; t is an int32 vector (one per row)."""
-    scale = 0.5 + t.astype(jnp.float32)[:, None, None, None] / 2000.0
-    return jnp.tanh(x) * scale + 0.05 * x
+    scale = 0.95 * jnp.sqrt(t.astype(jnp.float32) / 1000.0)[:, None, None, None]
+    return scale * x + 0.1 * jnp.tanh(x)
 
 
 def diffusers_scheduler(sampler, prediction_type="epsilon", spacing=None, zero_snr=False):
@@ -68,12 +69,12 @@ def diffusers_step(sched, out, t, sample, noise, eta, monkeypatch):
     return sched.step(out, t, sample).prev_sample
 
 
-def diffusers_trajectory(sched, x, noises, eta, monkeypatch, begin=0):
+def diffusers_trajectory(sched, x, noises, eta, monkeypatch, begin=0, model=np_model):
     """Python loop over scheduler.step from step `begin`: (samples (n+1, ...), model outputs)."""
     xs, outs = [np.asarray(x, np.float32)], []
     for i in range(begin, len(sched.timesteps)):
         t = sched.timesteps[i]
-        outs.append(np_model(xs[-1], t))
+        outs.append(model(xs[-1], t))
         xs.append(diffusers_step(sched, outs[-1], t, xs[-1], noises[i], eta, monkeypatch).numpy())
     return np.stack(xs), np.stack(outs)
 
@@ -123,3 +124,104 @@ def test_step_by_step_matches_diffusers(case, num_steps, monkeypatch):
         sampler, schedule, ts, smp.prev_timesteps_for(sampler, schedule, ts), xs[:-1], outs, noises, eta)
     err = np.abs(np.asarray(ours) - xs[1:]).reshape(num_steps, -1).max(axis=1)
     assert err.max() <= TOL, f"worst step {err.argmax()} (t={ts[err.argmax()]}): {err.max():.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs under jit.
+# ---------------------------------------------------------------------------------------------
+def cfg_jax_model(x2, t2):
+    """Guided convention: first half of the batch unconditional, second half conditional."""
+    half = x2.shape[0] // 2
+    cond = jnp.concatenate([jnp.zeros((half,)), jnp.ones((half,))])[:, None, None, None]
+    return jax_model(x2, t2) + cond * 0.3 * jnp.cos(x2)
+
+
+def cfg_np_model(scale):
+    """The same guided model, combined in numpy: uncond + s * (cond - uncond)."""
+    return lambda x, t: np_model(x, t) + np.float32(scale) * 0.3 * np.cos(x)
+
+
+def run_ours(sampler, schedule, num_steps, x, key, **kw):
+    fn = functools.partial(smp.sample, cfg_jax_model if "guidance_scale" in kw else jax_model,
+                           sampler=sampler, num_steps=num_steps, **{k: v for k, v in kw.items() if k == "strength"})
+    rest = {k: v for k, v in kw.items() if k != "strength"}
+    return np.asarray(jax.jit(fn)(x, key, schedule, **rest))
+
+
+FULL = [("ddim", 0.0, 50), ("ddim", 0.5, 20), ("ddpm", 0.0, 20), ("dpmpp_2m", 0.0, 20)]
+
+
+@pytest.mark.parametrize("case", FULL, ids=lambda c: "-".join(map(str, c)))
+def test_full_jitted_sample_matches_diffusers_loop(case, monkeypatch):
+    sampler, eta, num_steps = case
+    sched = diffusers_scheduler(sampler)
+    sched.set_timesteps(num_steps)
+    key = jax.random.key(7)
+    x = np.random.default_rng(4).standard_normal(SHAPE).astype(np.float32)
+    ref, _ = diffusers_trajectory(sched, x, step_noises(key, num_steps), eta, monkeypatch)
+    ours = run_ours(sampler, our_schedule(), num_steps, x, key, eta=jnp.float32(eta))
+    assert np.abs(ours - ref[-1]).max() <= TOL
+
+
+def test_guided_sample_matches_diffusers_loop(monkeypatch):
+    """One batched model call per step gives uncond + s * (cond - uncond)."""
+    scale = 4.0
+    sched = diffusers_scheduler("dpmpp_2m")
+    sched.set_timesteps(20)
+    x = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+    ref, _ = diffusers_trajectory(sched, x, np.zeros((20,) + SHAPE, np.float32), 0.0, monkeypatch,
+                                  model=cfg_np_model(scale))
+    ours = run_ours("dpmpp_2m", our_schedule(), 20, x, jax.random.key(0), guidance_scale=jnp.float32(scale))
+    assert np.abs(ours - ref[-1]).max() <= TOL
+
+
+def test_compiles_once_across_keys_and_guidance_scales():
+    traces = []
+
+    def generate(x, key, scale):
+        traces.append(1)  # runs only while tracing
+        return smp.sample(cfg_jax_model, x, key, our_schedule(), sampler="ddim", num_steps=4, eta=0.5,
+                          guidance_scale=scale)
+
+    fn = jax.jit(generate)
+    x = jnp.ones(SHAPE)
+    a = fn(x, jax.random.key(1), jnp.float32(1.0))
+    b = fn(x, jax.random.key(2), jnp.float32(7.5))
+    assert len(traces) == 1
+    assert not np.allclose(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# img2img (strength < 1).
+# ---------------------------------------------------------------------------------------------
+def test_start_index_reproduces_img2img_get_timesteps():
+    """StableDiffusionImg2ImgPipeline.get_timesteps: init = min(int(n*s), n); start = n - init."""
+    s = our_schedule()
+    assert smp.start_index(50, 0.3) == 35  # int(50 * 0.3) = int(15.000000000000002) = 15
+    assert smp.timesteps_for("ddim", s, 50)[35] == 281  # leading, offset 1: 981 - 35 * 20
+    assert smp.start_index(20, 0.75) == 5
+    assert smp.timesteps_for("dpmpp_2m", s, 20)[5] == 749  # linspace: round(999 * 15 / 20)
+    assert smp.start_index(20, 1.0) == 0 and smp.start_index(10, 0.15) == 9
+    with pytest.raises(ValueError):
+        smp.start_index(10, 0.05)  # int(0.5) = 0 steps left
+    with pytest.raises(ValueError):
+        smp.sample(jax_model, jnp.ones(SHAPE), jax.random.key(0), s, sampler="ddim", num_steps=10, strength=0.5)
+
+
+@pytest.mark.parametrize("sampler,num_steps,strength", [("ddim", 50, 0.3), ("dpmpp_2m", 20, 0.75)])
+def test_img2img_matches_diffusers(sampler, num_steps, strength, monkeypatch):
+    sched = diffusers_scheduler(sampler)
+    sched.set_timesteps(num_steps)
+    begin = smp.start_index(num_steps, strength)
+    if sampler == "dpmpp_2m":
+        sched.set_begin_index(begin)
+    rng = np.random.default_rng(6)
+    latent, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    t0 = sched.timesteps[begin:begin + 1].repeat(SHAPE[0])
+    start = sched.add_noise(torch.from_numpy(latent), torch.from_numpy(noise), t0).numpy()
+    noises = np.zeros((num_steps,) + SHAPE, np.float32)
+    ref, _ = diffusers_trajectory(sched, start, noises, 0.0, monkeypatch, begin=begin)
+    assert len(ref) == num_steps - begin + 1
+    ours = run_ours(sampler, our_schedule(), num_steps, noise, jax.random.key(0), start_latent=latent,
+                    strength=strength)
+    assert np.abs(ours - ref[-1]).max() <= TOL
