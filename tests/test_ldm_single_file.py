@@ -4,7 +4,6 @@ The LDM files are written by THIS test with its own diffusers -> LDM key map (in
 mapping under test), and each file is first checked with diffusers' own `from_single_file` loader
 (offline, config from a local folder): only then is it loaded with ours and compared.
 """
-import json
 import logging
 import sys
 
