@@ -108,19 +108,17 @@ def raindrop(rnd, image, cfg):
     scale = image_scale(image)
     count, cy, cx, radius, aspect, active = _drop_geometry(rnd, image, cfg)
     yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
-    dy = (yy[None] - cy[:, None, None]) / (radius * aspect)[:, None, None]
-    dx = (xx[None] - cx[:, None, None]) / radius[:, None, None]
-    rho = jnp.sqrt(dy ** 2 + dx ** 2)
-    masks = jax.nn.sigmoid((1 - rho) * 12.0) * active[:, None, None]
-    idx = jnp.argmax(masks, 0)
-    mask = jnp.max(masks, 0)[..., None]
+    ry = radius * aspect
+    rho2 = ((yy[None] - cy[:, None, None]) / ry[:, None, None]) ** 2 + ((xx[None] - cx[:, None, None]) / radius[:, None, None]) ** 2
+    idx = jnp.argmin(jnp.where(active[:, None, None], rho2, jnp.inf), 0)  # the drop covering each pixel most
     sel = lambda a: jnp.take(a, idx)  # noqa: E731  per-pixel value of a per-drop quantity
-    pick = lambda a: jnp.take_along_axis(a, idx[None], 0)[0]  # noqa: E731  same for [n, H, W] maps
-    r_y, r_x, rr = pick(dy), pick(dx), pick(rho)
-    src_y = sel(cy) - r_y * sel(radius * aspect) * 1.5 - sel(radius) * 0.5
+    r_y, r_x = (yy - sel(cy)) / sel(ry), (xx - sel(cx)) / sel(radius)
+    rr = jnp.sqrt(r_y ** 2 + r_x ** 2)
+    mask = (jax.nn.sigmoid((1 - rr) * 12.0) * (count > 0))[..., None]
+    src_y = sel(cy) - r_y * sel(ry) * 1.5 - sel(radius) * 0.5
     src_x = sel(cx) - r_x * sel(radius) * 1.5
     sigma = (3.0 + 5.0 * rnd.uniforms(1)[0]) * scale + 0.5
-    blurred = pix.gaussian_blur(image, sigma, filters.odd(6 * (8.0 * scale + 0.5) + 1))
+    blurred = filters.gaussian_blur(image, sigma, 8.0 * scale + 0.5)
     sample = _bilinear(blurred, src_y, src_x)
     shade = (1.0 - 0.35 * jnp.clip(rr, 0, 1) ** 4)[..., None]
     highlight = 0.5 * jnp.exp(-((r_y + 0.4) ** 2 + (r_x + 0.35) ** 2) / 0.015)[..., None]
@@ -139,9 +137,9 @@ def snow(rnd, image, cfg):
     alpha = jnp.zeros(image.shape[:2] + (1,))
     for i, base_sigma in enumerate(cfg.layer_sigmas):
         sigma = base_sigma * scale * size + 0.3
-        ksize = filters.odd(6 * (base_sigma * scale * cfg.size[1] + 0.3) + 1)
         seeds = _seeds(rnd.field(i), density / (1 + i) ** 2, 0.6)
-        flakes = pix.gaussian_blur(seeds, sigma, ksize) * (2 * jnp.pi * sigma ** 2)
+        flakes = filters.gaussian_blur(seeds, sigma, base_sigma * scale * cfg.size[1] + 0.3)
+        flakes = flakes * (2 * jnp.pi * sigma ** 2)
         alpha = 1 - (1 - alpha) * (1 - opacity * jnp.clip(flakes, 0, 1))
     veil = 0.15 * opacity
     out = image * (1 - veil) + 0.9 * veil
