@@ -1,0 +1,92 @@
+"""Stage 1: train the visual prompt processor and the control module (SD UNet, VAE, CLIP frozen).
+
+One step, all on device:
+  LQ     = degrade(HQ) with per-example keys from (seed, step, example id), or the batch's paired LQ
+  z_0    = VAE(HQ) latents (posterior sample, frozen);  t ~ U[0, T);  z_t = add_noise(z_0, eps, t)
+  P_S, P_D, logits = prompt_processor(CLIP(LQ))
+  out    = UNet(z_t, t, P_S, + control(z_t, t, P_D, LQ) residuals)
+  loss   = diffusion MSE (epsilon or v target, optional min-SNR weights)
+           + classifier_weight * cross-entropy(logits, degradation type)
+Metrics: loss terms, classifier accuracy, grad norm, lr, skipped (non-finite) updates.
+"""
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffrestorer_jax.data import degradations
+from diffrestorer_jax.diffusion import schedules
+from diffrestorer_jax.diffusion.losses import diffusion_loss
+from diffrestorer_jax.models import diffrestorer as dr
+from diffrestorer_jax.train import optim
+from diffrestorer_jax.train import state as st
+
+
+def make_degrade(config):
+    """(keys [B], hq [B,H,W,3], type ids [B]) -> (lq, class labels [B]); one key per example."""
+    deg_cfg = degradations.default_degradation_config(config.degradation.preset)
+
+    def one(key, image, type_id):
+        lq, labels = degradations.degrade(jax.random.wrap_key_data(key), image[None], type_id[None],
+                                          deg_cfg)
+        return lq[0], labels["type_id"][0]
+
+    return jax.vmap(one)
+
+
+def lq_and_labels(config, degrade_fn, batch, key):
+    """The LQ batch and its type labels: synthetic, paired, or a per-example mix (`has_lq`)."""
+    hq = batch["hq"]
+    type_ids = batch.get("type_id", jnp.full(hq.shape[:1], degradations.RANDOM, jnp.int32))
+    if "lq" in batch and "has_lq" not in batch:
+        return batch["lq"], type_ids
+    lq, labels = degrade_fn(key, hq, type_ids)
+    if "lq" in batch:
+        mask = batch["has_lq"].astype(bool)
+        lq = jnp.where(mask[:, None, None, None], batch["lq"], lq)
+        labels = jnp.where(mask, type_ids, labels)
+    return lq, labels
+
+
+def noisy_latents(nets, schedule, vae_params, hq, keys_lat, keys_t, keys_noise):
+    """(z_0, noise, t, z_t) with per-example randomness."""
+    z0 = jax.vmap(lambda k, x: dr.encode_latents(nets, vae_params, x[None], k)[0])(keys_lat, hq)
+    z0 = jax.lax.stop_gradient(z0.astype(jnp.float32))
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_t)
+    noise = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:], jnp.float32))(keys_noise)
+    return z0, noise, t, schedules.add_noise(schedule, z0, noise, t)
+
+
+def make_step(nets: dr.Networks, config, tx, schedule):
+    """`step(state, frozen, batch) -> (state, metrics)`; batch = {'hq', 'index'[, 'type_id', 'lq',
+    'has_lq']}, images NHWC in [0, 1], index = global example ids (the per-example keys)."""
+    tcfg, ctl = config.train, config.model.control
+    degrade_fn = make_degrade(config)
+    lr_fn = optim.make_schedule(st.optimizer_config(tcfg))
+    accum = max(1, int(tcfg.grad_accum_steps))
+
+    def step(state: st.TrainState, frozen: Dict[str, Any], batch):
+        hq = batch["hq"].astype(jnp.float32)
+        k_deg, k_lat, k_t, k_noise = st.step_keys(state, batch["index"], 4)
+        lq, labels = lq_and_labels(config, degrade_fn, batch, k_deg)
+        z0, noise, t, z_t = noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise)
+        tokens = jax.lax.stop_gradient(dr.clip_tokens(nets, frozen["clip"], lq))
+
+        def loss_fn(params):
+            prompts = dr.visual_prompts(nets, params["prompt"], tokens)
+            out = dr.denoise(nets, params["control"], frozen["unet"], z_t, t, prompts, lq,
+                             control_scale=ctl.control_scale, context_mode=ctl.context)
+            gamma = config.diffusion.min_snr_gamma
+            mse = jnp.mean(diffusion_loss(schedule, out, z0, noise, t, gamma if gamma > 0 else None))
+            logits = prompts["logits"].astype(jnp.float32)
+            ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+            acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+            return mse + tcfg.classifier_weight * ce, {"mse": mse, "ce": ce, "accuracy": acc}
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state, upd = st.apply_gradients(state, grads, tx, tcfg.ema_decay, loss)
+        metrics = {"loss": loss, **aux, **upd, "lr": lr_fn(state.step // accum)}
+        return new_state, metrics
+
+    return step
