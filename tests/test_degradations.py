@@ -130,3 +130,9 @@ def test_jpeg_close_to_pillow():
             ref = np.asarray(Image.open(buf), np.float32) / 255.0
             assert _psnr(mine, ref) >= 30.0, f"quality {quality}: PSNR(ours, Pillow) {_psnr(mine, ref):.1f} dB"
             assert _psnr(ref, photo) < _psnr(mine, ref), "JPEG must differ from the input more than from Pillow"
+
+
+def test_legacy_and_typed_keys_give_the_same_stream():
+    a, b = D.as_fast_key(jax.random.PRNGKey(3)), D.as_fast_key(jax.random.key(3))
+    np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(D.as_fast_key(jax.random.key(4))))

@@ -111,6 +111,8 @@ def as_fast_key(key: jax.Array) -> jax.Array:
     A threefry key's two words are tiled into rbg's four, so the mapping is deterministic; rbg
     streams are reproducible on one backend but may differ between CPU and accelerators.
     """
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a legacy uint32 PRNGKey
+        key = jax.random.wrap_key_data(key)
     if jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(0, impl="rbg")):
         return key
     data = jax.random.key_data(key)
@@ -122,7 +124,7 @@ def degrade(key: jax.Array, images: jax.Array, type_ids: jax.Array,
     """Degrade images [B, H, W, 3] in [0, 1] by type_ids [B] -> (lq [B, H, W, 3] in [0, 1], labels).
 
     Sample i uses key fold_in(key, i), so a sample's degradation depends only on (key, i), not on
-    the batch size. `key` is a typed key (`jax.random.key`); `config` must be closed over (it is static); see `make_degrade_fn`.
+    the batch size. `key`: `jax.random.key(...)` (or a legacy PRNGKey); `config` must be closed over (it is static); see `make_degrade_fn`.
     """
     key = as_fast_key(key)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
