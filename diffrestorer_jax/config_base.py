@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.control = dict(conditioning_channels=(16, 32, 96, 256), use_film=True,
                            context="degradation", control_scale=1.0)
     c.model.decoder = dict(rdb_growth=32, rdb_convs=5, fidelity_weight=1.0)
+    c.model.discriminator = dict(base_channels=64, n_layers=3)  # stage-2 PatchGAN (train/discriminator.py)
 
     # Pretrained weights users bring (diffusers folders, single-file SD, HF / OpenAI CLIP), or None
     # for a random init (tests, the from-scratch demo prior).
@@ -66,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
         classifier_weight=0.1, max_consecutive_skips=20,
         # stage 2 (decoder): L1 + LPIPS + PatchGAN hinge after gan_start_step
         lpips_weight=1.0, gan_weight=0.1, gan_start_step=10_000, lpips_vgg="", lpips_lin="",
+        kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
 
     c.data = ml_collections.ConfigDict(dict(
