@@ -244,3 +244,16 @@ def test_remat_policies_keep_the_unet_parameter_tree():
     trees = [jax.tree_util.tree_structure(abstract_params(module.clone(remat_policy=p), *example_inputs(module)))
              for p in ("none", "save_dots")]
     assert trees[0] == trees[1]
+
+
+def test_bfloat16_load_runs_and_stays_close(sd1_dir):
+    folder, model = sd1_dir
+    x, t, ctx = _inputs(SD1_LIKE)
+    with torch.no_grad():
+        ref = model(*map(torch.from_numpy, (x, t)), encoder_hidden_states=torch.from_numpy(ctx)).sample
+    module, params = load_unet(folder, dtype=jnp.bfloat16)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    out = _fast_jit(module.apply, {"params": params}, _nhwc(x), jnp.asarray(t), jnp.asarray(ctx))
+    assert out.dtype == jnp.float32  # conv_out runs in float32
+    ref = ref.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(np.asarray(out) - ref).max() <= 5e-2 * np.abs(ref).max()
