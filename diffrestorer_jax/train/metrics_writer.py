@@ -1,0 +1,53 @@
+"""Training metrics to TensorBoard event files (tensorboardX) and a console progress bar (tqdm).
+
+Only process 0 writes; other hosts get a no-op writer, so the loop calls it unconditionally.
+"""
+import logging
+import os
+from typing import Dict, Mapping
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+    def __init__(self, logdir: str, total_steps: int, initial_step: int = 0, enabled=None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = self._bar = None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+        os.makedirs(logdir, exist_ok=True)
+        self._tb = SummaryWriter(logdir)
+        self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train",
+                         mininterval=1.0)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self._tb.add_scalar(f"train/{name}", float(value), step)
+        self._tb.flush()
+        shown = {k: f"{float(values[k]):.4g}" for k in ("loss", "accuracy", "lr") if k in values}
+        self._bar.set_postfix(shown, refresh=False)
+        logging.info("step %d: %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in values.items()))
+
+    def images(self, step: int, images: Dict[str, np.ndarray]) -> None:
+        """Each value [N, H, W, 3] in [0, 1] -> one TensorBoard image grid (a row of N)."""
+        if not self.enabled:
+            return
+        for name, batch in images.items():
+            batch = np.clip(np.asarray(batch, np.float32), 0.0, 1.0)
+            row = np.concatenate(list(batch), axis=1)
+            self._tb.add_image(f"samples/{name}", row, step, dataformats="HWC")
+        self._tb.flush()
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._tb.close()

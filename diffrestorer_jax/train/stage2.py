@@ -1,0 +1,101 @@
+"""Stage 2: train the degradation-aware decoder (CLIP, prompts, control, UNet, VAE frozen).
+
+One step:
+  LQ       = degrade(HQ) (per-example keys) or the paired LQ, as in stage 1
+  z_0      = VAE(HQ) latents (posterior sample). The paper's recipe also mixes in latents sampled
+             by the stage-1 model from LQ; that cache is not built here (VAE(HQ) latents only).
+  features = frozen VAE encoder features of LQ;  P_D = frozen prompt processor(CLIP(LQ))
+  image    = decoder(z_0, features, mean(P_D))
+  loss     = L1(image, HQ) + lpips_weight * LPIPS (only when lpips_vgg/lpips_lin are configured)
+             + gan_weight * hinge generator loss, switched on by a traced `step >= gan_start_step`
+The PatchGAN discriminator is updated in the same compiled step (its own AdamW state, in the
+train state), gated by the same traced condition, so switching the GAN on never recompiles.
+"""
+import logging
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffrestorer_jax.models import diffrestorer as dr
+from diffrestorer_jax.train import discriminator as disc_lib
+from diffrestorer_jax.train import optim
+from diffrestorer_jax.train import stage1
+from diffrestorer_jax.train import state as st
+
+
+def make_discriminator(config):
+    """(PatchDiscriminator, its optimizer): same AdamW settings as the decoder."""
+    d = config.model.get("discriminator", None) or {}
+    net = disc_lib.PatchDiscriminator(base_channels=int(d.get("base_channels", 64)),
+                                      n_layers=int(d.get("n_layers", 3)),
+                                      dtype=dr._dtype(config.model.dtype))
+    return net, optim.make_optimizer(st.optimizer_config(config.train))
+
+
+def load_lpips(config):
+    """(module, params) when both LPIPS weight paths are configured, else None (logged once)."""
+    t = config.train
+    if not (t.lpips_vgg and t.lpips_lin):
+        logging.warning("stage 2: LPIPS is off (set train.lpips_vgg and train.lpips_lin to the "
+                        "torchvision VGG16 and LPIPS linear-layer weights to turn it on)")
+        return None
+    from diffrestorer_jax.convert.lpips import load_lpips as _load
+    return _load(t.lpips_vgg, t.lpips_lin)
+
+
+def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None):
+    """`step(state, frozen, batch) -> (state, metrics)`, batch as in stage 1."""
+    del schedule
+    tcfg = config.train
+    degrade_fn = stage1.make_degrade(config)
+    lpips = load_lpips(config) if lpips is None else lpips
+    lr_fn = optim.make_schedule(st.optimizer_config(tcfg))
+    accum = max(1, int(tcfg.grad_accum_steps))
+    fidelity = float(config.model.decoder.get("fidelity_weight", 1.0))
+
+    def step(state: st.TrainState, frozen: Dict[str, Any], batch):
+        hq = batch["hq"].astype(jnp.float32)
+        k_deg, k_lat = st.step_keys(state, batch["index"], 2)
+        lq, _ = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
+        z0 = jax.vmap(lambda k, x: dr.encode_latents(nets, frozen["vae"], x[None], k)[0])(k_lat, hq)
+        feats = dr.lq_features(nets, frozen["vae"], lq)
+        prompts = dr.visual_prompts(nets, frozen["prompt"], dr.clip_tokens(nets, frozen["clip"], lq))
+        z0, feats, prompts = jax.lax.stop_gradient((z0, feats, prompts))
+        gan_on = state.step >= int(tcfg.gan_start_step)
+
+        def loss_fn(params):
+            image = dr.decode(nets, params["decoder"], z0, feats, prompts, fidelity)
+            l1 = jnp.mean(jnp.abs(image - hq))
+            terms = {"l1": l1}
+            loss = l1
+            if lpips is not None:
+                from diffrestorer_jax.metrics.lpips import lpips_unit_range
+                lp = jnp.mean(lpips_unit_range(lpips[0], lpips[1], image, hq))
+                terms["lpips"] = lp
+                loss = loss + tcfg.lpips_weight * lp
+            g = disc_lib.hinge_g_loss(disc.apply({"params": state.disc_params}, image))
+            terms["gan_g"] = g
+            loss = loss + jnp.where(gan_on, tcfg.gan_weight, 0.0) * g
+            return loss, (terms, image)
+
+        (loss, (terms, image)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state, upd = st.apply_gradients(state, grads, tx, tcfg.ema_decay, loss)
+
+        def d_loss_fn(dp):
+            real = disc.apply({"params": dp}, hq)
+            fake = disc.apply({"params": dp}, jax.lax.stop_gradient(image))
+            return disc_lib.hinge_d_loss(real, fake)
+
+        d_loss, d_grads = jax.value_and_grad(d_loss_fn)(state.disc_params)
+        d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+        d_params = optax.apply_updates(state.disc_params, d_updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(gan_on, a, b), new, old)  # noqa: E731
+        new_state = new_state.replace(disc_params=keep(d_params, state.disc_params),
+                                      disc_opt_state=keep(d_opt, state.disc_opt_state))
+        metrics = {"loss": loss, **terms, "gan_d": d_loss, "gan_on": gan_on.astype(jnp.float32),
+                   **upd, "lr": lr_fn(state.step // accum)}
+        return new_state, metrics
+
+    return step
