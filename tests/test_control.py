@@ -25,12 +25,12 @@ def _inputs(batch=2, seed=1):
     return z, t, ctx, lq
 
 
-def _perturb(params, pred, key, scale=0.05):
+def _perturb(params, pred, seed, scale=0.05):
     """Every leaf whose path satisfies `pred` gets Gaussian noise (plain, unboxed trees)."""
     flat = traverse_util.flatten_dict(params)
-    keys = jax.random.split(key, len(flat))
-    out = {p: (v + scale * jax.random.normal(k, v.shape, v.dtype) if pred(p) else v)
-           for (p, v), k in zip(flat.items(), keys)}
+    rng = np.random.default_rng(seed)  # numpy noise: no per-shape compilation
+    out = {p: (jnp.asarray(np.asarray(v) + scale * rng.standard_normal(v.shape).astype(v.dtype)) if pred(p) else v)
+           for p, v in flat.items()}
     return traverse_util.unflatten_dict(out)
 
 
@@ -46,8 +46,8 @@ def fresh():
     unet = UNet2DConditionModel.from_config(UNET)
     control = ControlModule.from_unet_config(UNET, conditioning_channels=COND, use_film=True)
     z, t, ctx, lq = map(jnp.asarray, _inputs())
-    unet_params = unet.init(jax.random.PRNGKey(0), z, t, ctx)["params"]
-    control_params = control.init(jax.random.PRNGKey(1), z, t, ctx, lq)["params"]
+    unet_params = jax.jit(unet.init)(jax.random.PRNGKey(0), z, t, ctx)["params"]
+    control_params = jax.jit(control.init)(jax.random.PRNGKey(1), z, t, ctx, lq)["params"]
     control_params = init_control_from_unet(control_params, unet_params)
     return unet, control, meta.unbox(unet_params), meta.unbox(control_params)
 
@@ -59,27 +59,28 @@ def test_fresh_control_gives_zero_residuals_and_leaves_the_unet_unchanged(fresh)
         jax.tree.map(np.testing.assert_array_equal, cp[key], up[key])
     assert len([k for k in cp if k.startswith("controlnet_down_blocks_")]) == 6
     z, t, ctx, lq = map(jnp.asarray, _inputs())
-    down, mid = control.apply({"params": cp}, z, t, ctx, lq, control_scale=2.0)
+    down, mid = jax.jit(control.apply)({"params": cp}, z, t, ctx, lq, control_scale=2.0)
     assert len(down) == 6 and all(float(jnp.abs(d).max()) == 0.0 for d in down) and float(jnp.abs(mid).max()) == 0.0
-    bare = unet.apply({"params": up}, z, t, ctx)
-    with_control = unet.apply({"params": up}, z, t, ctx, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid)
+    bare = jax.jit(unet.apply)({"params": up}, z, t, ctx)
+    with_control = jax.jit(unet.apply)({"params": up}, z, t, ctx, down_block_additional_residuals=down,
+                                       mid_block_additional_residual=mid)
     np.testing.assert_array_equal(np.asarray(bare), np.asarray(with_control))
 
 
 def test_film_is_the_identity_at_init_and_acts_when_trained(fresh):
     _, control, _, cp = fresh
-    cp = _perturb(cp, lambda p: _zero_init(p) and not p[0].startswith("film_"), jax.random.PRNGKey(2))
+    cp = _perturb(cp, lambda p: _zero_init(p) and not p[0].startswith("film_"), 2)
     plain = control.clone(use_film=False)
     z, t, ctx, lq = map(jnp.asarray, _inputs())
     no_film = {k: v for k, v in cp.items() if not k.startswith("film_")}
-    ref_down, ref_mid = plain.apply({"params": no_film}, z, t, ctx, lq)
+    ref_down, ref_mid = jax.jit(plain.apply)({"params": no_film}, z, t, ctx, lq)
     assert float(jnp.abs(ref_mid).max()) > 0
-    down, mid = control.apply({"params": cp}, z, t, ctx, lq)
+    apply = jax.jit(control.apply)
+    down, mid = apply({"params": cp}, z, t, ctx, lq)
     for a, b in zip(down + (mid,), ref_down + (ref_mid,)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    moved = _perturb(cp, lambda p: p[0].startswith("film_"), jax.random.PRNGKey(3), scale=0.5)
-    _, mid2 = control.apply({"params": moved}, z, t, ctx, lq)
+    moved = _perturb(cp, lambda p: p[0].startswith("film_"), 3, scale=0.5)
+    _, mid2 = apply({"params": moved}, z, t, ctx, lq)
     assert float(jnp.abs(mid2 - mid).max()) > 1e-3
 
 
@@ -93,11 +94,13 @@ def test_gradients_reach_every_parameter(fresh):
 
     # At init only the output zero convs see a gradient (their inputs are nonzero); after one
     # perturbation of the zero-initialised parts, every parameter does.
-    grads = traverse_util.flatten_dict(jax.grad(lambda p: jnp.sum(jnp.stack(
-        [jnp.sum(d) for d in control.apply({"params": p}, z, t, ctx, lq)[0]])))(cp))
+    def first_order(p):
+        return sum(jnp.sum(d) for d in control.apply({"params": p}, z, t, ctx, lq)[0])
+
+    grads = traverse_util.flatten_dict(jax.jit(jax.grad(first_order))(cp))
     assert all(float(jnp.abs(g).max()) > 0 for p, g in grads.items()
                if p[0].startswith("controlnet_down_blocks") and p[-1] == "kernel")
-    moved = _perturb(cp, _zero_init, jax.random.PRNGKey(4))
+    moved = _perturb(cp, _zero_init, 4)
     grads = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(moved))
     dead = ["/".join(p) for p, g in grads.items() if not float(jnp.abs(g).max()) > 0]
     assert not dead, f"no gradient reaches {dead}"

@@ -1,0 +1,139 @@
+"""The Degradation-aware Decoder (paper-notes section 5): the SD VAE decoder with the LQ image's
+VAE-encoder features fused in at every level through FiLM-modulated residual dense blocks.
+
+Main path: `post_quant_conv` and `decoder` are the SD VAE's own modules (same names, same params;
+`init_decoder_from_vae` copies them in). At decoder level k (`decoder.up_blocks[k]`, after its
+resnets and before its upsampler) the matching LQ encoder feature F_enc = lq_features[n - 1 - k]
+(same resolution and channels, see `vae.Encoder`) is fused [D]:
+
+    F <- F_dec + w * ZeroConv1x1(RDB(FiLM_pd(Conv3x3(concat(F_enc, F_dec)))))
+
+RDB is ESRGAN's residual dense block (`rdb_convs` 3x3 convs of growth `rdb_growth`, each fed the
+concatenation of all earlier outputs, LeakyReLU 0.2 but after the last, residual scaled by 0.2);
+FiLM_pd is h * (1 + scale) + shift with (scale, shift) = Dense(mean-pooled P_D), zero-initialised
+(identity at init). The zero-initialised output conv makes the whole decoder equal to the SD VAE
+decoder at init, for any fidelity weight w; w (traced: scalar or [N]) trades fidelity to the LQ
+input against the generative prior at inference, and w = 0 gives back the plain VAE decode.
+"""
+from typing import Any, Dict, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffrestorer_jax.models.control import copy_subtrees
+from diffrestorer_jax.models.layers import Conv, Dense, ZeroConv, constrain
+from diffrestorer_jax.models.vae import IMAGE_AXES, AutoencoderKL, Decoder
+
+Dtype = Any
+_VAE_KEYS_USED = ("latent_channels", "out_channels", "block_out_channels", "layers_per_block",
+                  "norm_num_groups", "mid_block_add_attention", "use_post_quant_conv")
+
+
+class ResidualDenseBlock(nn.Module):
+    """ESRGAN's RDB: x + 0.2 * conv_n(cat(x, x1, ..., x_{n-1})), x_j = lrelu(conv_j(cat(x, ..x_{j-1})))."""
+    growth: int = 32
+    num_convs: int = 5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        feats = [x]
+        for j in range(self.num_convs - 1):
+            h = Conv(self.growth, 3, name=f"conv{j + 1}", **kw)(jnp.concatenate(feats, axis=-1))
+            feats.append(nn.leaky_relu(h, 0.2))
+        out = Conv(x.shape[-1], 3, name=f"conv{self.num_convs}", **kw)(jnp.concatenate(feats, axis=-1))
+        return constrain(x + 0.2 * out, IMAGE_AXES)
+
+
+class LevelFusion(nn.Module):
+    """(F_dec, F_enc, pooled P_D, w) -> F_dec + w * zero_conv(RDB(FiLM(conv_in(cat(F_enc, F_dec)))))."""
+    channels: int
+    growth: int = 32
+    num_convs: int = 5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, f_dec, f_enc, pooled, weight):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Conv(self.channels, 3, name="conv_in", **kw)(
+            jnp.concatenate([f_enc.astype(self.dtype), f_dec.astype(self.dtype)], axis=-1))
+        film = Dense(2 * self.channels, names=("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
+                     name="film", **kw)(pooled.astype(self.dtype))
+        scale, shift = jnp.split(film, 2, axis=-1)
+        h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+        h = ResidualDenseBlock(self.growth, self.num_convs, name="rdb", **kw)(h)
+        h = ZeroConv(self.channels, 1, name="conv_out", **kw)(h)
+        return constrain(f_dec + weight * h.astype(f_dec.dtype), IMAGE_AXES)
+
+
+class DegradationAwareDecoder(nn.Module):
+    """(z in latent units [N,h,w,C], lq_features (from `AutoencoderKL.encode(lq, return_features=True)`),
+    pooled P_D [N, D], fidelity_weight) -> image [N, h*f, w*f, out_channels] in [-1, 1].
+
+    Fields: the SD VAE's decoder-side config fields + `rdb_growth`, `rdb_convs`.
+    """
+    latent_channels: int = 4
+    out_channels: int = 3
+    block_out_channels: Sequence[int] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    use_post_quant_conv: bool = True
+    rdb_growth: int = 32
+    rdb_convs: int = 5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_implementation: str = "auto"
+
+    @classmethod
+    def from_vae_config(cls, vae_config: Mapping[str, Any], **overrides) -> "DegradationAwareDecoder":
+        """From a diffusers AutoencoderKL config dict (validated by `AutoencoderKL.from_config`);
+        `overrides` sets rdb_growth, rdb_convs, dtype, ..."""
+        AutoencoderKL.from_config(dict(vae_config))  # refuses VAE variants we do not implement
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vae_config.items() if k in _VAE_KEYS_USED}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def setup(self):
+        if self.rdb_convs < 2:
+            raise ValueError(f"DegradationAwareDecoder: rdb_convs must be >= 2, got {self.rdb_convs}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.decoder = Decoder(self.out_channels, tuple(self.block_out_channels), self.layers_per_block,
+                               self.norm_num_groups, self.mid_block_add_attention,
+                               attention_implementation=self.attention_implementation, **kw)
+        if self.use_post_quant_conv:
+            self.post_quant_conv = Conv(self.latent_channels, 1, **kw)
+        self.fusions = [LevelFusion(c, self.rdb_growth, self.rdb_convs, **kw)
+                        for c in reversed(tuple(self.block_out_channels))]
+
+    def __call__(self, z, lq_features: Sequence[jax.Array], p_d_pooled, fidelity_weight=1.0):
+        n = len(self.block_out_channels)
+        if len(lq_features) != n:
+            raise ValueError(f"DegradationAwareDecoder: got {len(lq_features)} LQ feature maps, the decoder "
+                             f"has {n} levels (pass AutoencoderKL.encode(lq, return_features=True)[2])")
+        w = jnp.asarray(fidelity_weight, self.dtype)
+        if w.ndim == 1:
+            w = w[:, None, None, None]
+        if self.use_post_quant_conv:
+            z = self.post_quant_conv(z.astype(self.dtype))
+        h = self.decoder.stem(z)
+        for k, block in enumerate(self.decoder.up_blocks):
+            h = block.run_resnets(h)
+            f_enc = lq_features[n - 1 - k]
+            if tuple(f_enc.shape) != tuple(h.shape):
+                raise ValueError(f"DegradationAwareDecoder: lq_features[{n - 1 - k}] has shape "
+                                 f"{tuple(f_enc.shape)}, decoder level {k} has {tuple(h.shape)} (LQ image "
+                                 f"and latent sizes must agree with the VAE factor)")
+            h = self.fusions[k](h, f_enc, p_d_pooled, w)
+            h = block.upsample(h)
+        return self.decoder.head(h)
+
+
+def init_decoder_from_vae(decoder_params: Mapping, vae_params: Mapping) -> Dict:
+    """The decoder params with `post_quant_conv` and `decoder` copied from the SD VAE's params
+    (boxed or plain trees); the fusion params are kept."""
+    return copy_subtrees(decoder_params, vae_params, ("post_quant_conv", "decoder"), "init_decoder_from_vae")
