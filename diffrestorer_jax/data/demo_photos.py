@@ -1,0 +1,93 @@
+"""The demo's photos: scikit-image's bundled pictures, split into a training set and a held-out set.
+
+The demo model (`make demo-train`) trains only on `TRAIN`; `make demo` evaluates on `HELD_OUT`
+(coffee, rocket), which the model never saw. Every training path that reads the bundled photos
+(`config.data.kind = "skimage"`, `launch/demo_train.sh`) must take them from here.
+
+Grayscale pictures (brick, grass, gravel) are repeated to three channels; the stereo pair
+(motorcycle_left / motorcycle_right) comes from `skimage.data.stereo_motorcycle()`.
+"""
+from typing import Dict, Sequence
+
+import numpy as np
+
+TRAIN = ("astronaut", "chelsea", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "retina",
+         "ihc", "brick", "grass", "gravel")
+HELD_OUT = ("coffee", "rocket")
+
+# name -> (skimage.data function, index into its tuple result or None)
+_SOURCES: Dict[str, tuple] = {
+    "astronaut": ("astronaut", None), "chelsea": ("chelsea", None),
+    "motorcycle_left": ("stereo_motorcycle", 0), "motorcycle_right": ("stereo_motorcycle", 1),
+    "hubble_deep_field": ("hubble_deep_field", None), "retina": ("retina", None),
+    "ihc": ("immunohistochemistry", None), "brick": ("brick", None), "grass": ("grass", None),
+    "gravel": ("gravel", None), "coffee": ("coffee", None), "rocket": ("rocket", None),
+}
+
+
+def load_photo(name: str) -> np.ndarray:
+    """One photo as float32 [H, W, 3] in [0, 1] at its native size."""
+    if name not in _SOURCES:
+        raise KeyError(f"unknown demo photo {name!r}; known: {', '.join(_SOURCES)}")
+    from skimage import data  # the test/demo extra
+    fn, index = _SOURCES[name]
+    image = getattr(data, fn)()
+    if index is not None:
+        image = image[index]
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    image = image[..., :3]
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    return (image.astype(np.float32) / scale).clip(0.0, 1.0)
+
+
+def load_photos(names: Sequence[str], size: int) -> np.ndarray:
+    """Photos centre-cropped square and resized to size x size: float32 [N, size, size, 3]."""
+    from diffrestorer_jax.data.gallery import square
+    return np.stack([square(load_photo(n), size) for n in names]).astype(np.float32)
+
+
+def train_photos(size: int) -> np.ndarray:
+    """The training set (never the held-out photos)."""
+    assert not set(TRAIN) & set(HELD_OUT)
+    return load_photos(TRAIN, size)
+
+
+def held_out_photos(size: int) -> np.ndarray:
+    return load_photos(HELD_OUT, size)
+
+
+def write_training_folder(out_dir: str, size: int = 192, tiles: int = 2) -> int:
+    """Write the training set as PNGs for `config.data.kind = "hq_folder"`: each photo centre-cropped
+    square at `size`, plus its `tiles` x `tiles` grid of sub-squares (each at `size`), so the tiny
+    model sees both whole-scene and close-up scales. Returns the number of files written."""
+    import os
+    from diffrestorer_jax.data.gallery import square
+    from diffrestorer_jax.data.image_io import write_png
+    os.makedirs(out_dir, exist_ok=True)
+    count = 0
+    for name in TRAIN:
+        photo = load_photo(name)
+        s = min(photo.shape[:2])
+        top, left = (photo.shape[0] - s) // 2, (photo.shape[1] - s) // 2
+        full = photo[top:top + s, left:left + s]
+        write_png(os.path.join(out_dir, f"{name}.png"), square(full, size))
+        count += 1
+        step = s // tiles
+        for i in range(tiles):
+            for j in range(tiles):
+                tile = full[i * step:(i + 1) * step, j * step:(j + 1) * step]
+                write_png(os.path.join(out_dir, f"{name}_{i}{j}.png"), square(tile, size))
+                count += 1
+    return count
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="write the demo's training photos (never the held-out ones)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--tiles", type=int, default=2)
+    args = parser.parse_args()
+    print(f"wrote {write_training_folder(args.out_dir, args.size, args.tiles)} training photos to {args.out_dir}")
