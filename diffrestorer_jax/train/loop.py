@@ -85,9 +85,8 @@ def load_training_images(config) -> np.ndarray:
     load = int(round(size * 1.5))
     kind = config.data.kind
     if kind == "skimage":
-        from diffrestorer_jax.data.gallery import sample_photos
-        names = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry")
-        return sample_photos(load, names)
+        from diffrestorer_jax.data import demo_photos  # never the held-out coffee / rocket
+        return demo_photos.train_photos(load)
     if kind == "hq_folder":
         from diffrestorer_jax.data.gallery import square
         from diffrestorer_jax.data.image_io import read_image
