@@ -1,0 +1,195 @@
+"""launch/restore.py on a tiny checkpoint made here: a folder of mixed-size photos with broken files.
+
+Outputs at the input sizes with sidecars; bad files named on stderr without a traceback and a
+non-zero exit; existing outputs skipped, --overwrite redoes them; one compilation per shape bucket;
+an image's output identical bit for bit whatever the batch size, the other images or the device count.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffrestorer_jax.infer import buckets
+from diffrestorer_jax.infer.pipeline import restore
+from diffrestorer_jax.infer.runner import find_inputs, output_paths, path_image_id
+from diffrestorer_jax.models import diffrestorer as dr
+from diffrestorer_jax.parallel.sharding import unbox
+from diffrestorer_jax.train.export import save_export
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOOD = {"a.png": (32, 32), "b.jpg": (27, 30), "sub/c.png": (40, 44), "e.png": (38, 41)}
+BAD = ("trunc.png", "text.png", "empty.png")
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+restore_cli = _load(ROOT / "launch" / "restore.py", "restore_cli")
+
+
+def tiny_params(nets, image_size=32, seed=0):
+    """The shapes of `init_params`, filled with seeded random values: every branch (the zero-initialised
+    control and decoder ones included) acts, and no init program has to be compiled (a minute on CPU)."""
+    abstract = unbox(jax.eval_shape(lambda k: dr.init_params(nets, k, image_size), jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(path[-1])
+        z = rng.standard_normal(leaf.shape).astype(np.float32)
+        if "scale" in name:
+            return 1.0 + 0.02 * z
+        if len(leaf.shape) >= 2:
+            return z / np.sqrt(np.prod(leaf.shape[:-1]))
+        return 0.02 * z
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def tiny_export(directory):
+    cfg = _load(ROOT / "configs" / "tiny.py", "tiny_cfg").get_config()
+    cfg.sampler.steps = 2
+    nets = dr.build_networks(cfg.model)
+    save_export(str(directory), tiny_params(nets), cfg)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from skimage import data
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "sub").mkdir()
+    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    for (name, (h, w)), src in zip(GOOD.items(), sources):
+        im = Image.fromarray(src).resize((w * 4, h * 4)).crop((0, 0, w * 4, h * 4)).resize((w, h))
+        im.save(folder / name, quality=90) if name.endswith(".jpg") else im.save(folder / name)
+    data_png = (folder / "a.png").read_bytes()
+    (folder / "trunc.png").write_bytes(data_png[: len(data_png) // 2])
+    (folder / "text.png").write_text("not an image")
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def _read(path):
+    return np.asarray(Image.open(path))
+
+
+def test_buckets_small_set():
+    assert [buckets.bucket_side(n, 8) for n in (1, 8, 9, 30, 33, 40, 41, 64, 65, 100)] == \
+        [8, 8, 16, 32, 40, 40, 48, 64, 80, 112]
+    assert buckets.round_batch(3, 8) == 8 and buckets.round_batch(9, 8) == 16 and buckets.round_batch(3, 1) == 3
+    img = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
+    padded = buckets.pad_to(img, (8, 8))
+    assert padded.shape == (8, 8, 3) and np.array_equal(buckets.crop_to(padded, (5, 7)), img)
+    assert np.array_equal(buckets.pad_to(img[:1, :1], (8, 8)), np.broadcast_to(img[:1, :1], (8, 8, 3)))
+    batch, n = buckets.fill_batch([img, img + 1], 4)
+    assert batch.shape == (4, 5, 7, 3) and n == 2
+
+
+def test_cli_folder(ckpt, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, "--input", str(photos), "--output", str(out), "--seed", "3",
+            "--no-progress", "--color-fix", "auto", "--config.sampler.eta=0.0"]
+    before = restore._cache_size()
+    assert restore_cli.main(args) == 1  # bad files -> non-zero
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    for name in BAD:
+        assert sum(name in line and "error" in line for line in err.splitlines()) == 1, err
+    assert "truncated" in err and "zero-byte" in err and "not an image" in err
+    # One compilation per shape bucket (8 devices -> batch 8; two buckets: 32x32 and 40x48).
+    sizes = {n: s for n, s in GOOD.items()}
+    assert len({buckets.bucket_for(h, w, 8) for h, w in sizes.values()}) == 2
+    assert restore._cache_size() == before + 2
+    for name, (h, w) in GOOD.items():
+        png = out / (os.path.splitext(name)[0] + ".png")
+        assert _read(png).shape == (h, w, 3)
+        side = json.loads(png.with_suffix(".json").read_text())
+        assert side["seed"] == 3 and side["settings"]["steps"] == 2 and side["settings"]["sampler"] == "ddim"
+        assert side["image_id"] == path_image_id(name) and side["size"] == [h, w]
+        assert side["color_fix"] == "auto" and isinstance(side["color_fix_applied"], bool)
+        assert set(side["knobs"]) == {"guidance_scale", "control_scale", "fidelity_weight", "eta"}
+        probs = side["type_probs"]
+        assert len(probs) == 8 and "low_light" in probs and abs(sum(probs.values()) - 1) < 1e-4
+        assert side["config_overrides"] == {"sampler.eta": 0.0}
+    assert not any((out / (os.path.splitext(b)[0] + ".png")).exists() for b in BAD)
+
+    # Rerun: everything there is skipped (nothing rewritten, nothing compiled).
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    first = {p: _read(p) for p in stamp}
+    assert restore_cli.main(args) == 1
+    assert "4 output(s) already exist" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamp
+    # --overwrite redoes them, with the same result and no new compilation.
+    assert restore_cli.main(args + ["--overwrite"]) == 1
+    assert all(p.stat().st_mtime_ns != stamp[p] for p in stamp)
+    assert all(np.array_equal(_read(p), first[p]) for p in stamp)
+    assert restore._cache_size() == before + 2
+
+
+def test_same_output_any_batch_or_device_count(ckpt, photos, tmp_path, capsys):
+    """a.png alone (1 device, batch 1), with b.jpg (1 device, batch 3, padded), and in the folder
+    run above's configuration (8 devices, batch 8 with three other images): identical PNGs."""
+    runs = {"alone": ["--input", str(photos / "a.png"), "--devices", "1", "--batch-size", "1"],
+            "batch3": ["--input", str(photos / "[ab].*"), "--devices", "1", "--batch-size", "3"],
+            "8dev": ["--input", str(photos), "--batch-size", "8"]}
+    images = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        rc = restore_cli.main(["--checkpoint", ckpt, "--output", str(out), "--seed", "3", "--no-progress",
+                               "--color-fix", "auto"] + extra)
+        assert rc == (1 if name == "8dev" else 0)
+        images[name] = _read(out / "a.png")
+        assert json.loads((out / "a.json").read_text())["image_id"] == path_image_id("a.png")
+    capsys.readouterr()
+    np.testing.assert_array_equal(images["alone"], images["batch3"])
+    np.testing.assert_array_equal(images["alone"], images["8dev"])
+
+
+def test_inputs_and_output_names(photos, tmp_path):
+    assert [os.path.basename(f) for f in find_inputs(str(photos / "*.png")).files] == \
+        ["a.png", "e.png", "empty.png", "text.png", "trunc.png"]
+    (tmp_path / "x.png").write_bytes(b"1")
+    (tmp_path / "x.jpg").write_bytes(b"1")
+    (tmp_path / "notes.txt").write_text("ignored")
+    names = sorted(os.path.basename(p) for p in output_paths(find_inputs(str(tmp_path)), "/o").values())
+    assert names == ["x.jpg.png", "x.png.png"]
+
+
+def test_foreseeable_errors_are_messages(ckpt, photos, tmp_path, capsys):
+    assert restore_cli.main(["--checkpoint", str(tmp_path), "--input", str(photos), "--output", str(tmp_path / "o")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    assert restore_cli.main(["--checkpoint", ckpt, "--input", str(tmp_path / "none*.png"), "--output", str(tmp_path / "o")]) == 2
+    assert "matches no files" in capsys.readouterr().err
+    assert restore_cli.main(["--checkpoint", ckpt, "--input", str(photos), "--output", str(tmp_path / "o"),
+                             "--config.no_such.field=1"]) == 2
+    assert "no such config field" in capsys.readouterr().err
+
+
+def test_subprocess_exit_status_and_stderr(ckpt, photos, tmp_path):
+    """The real command on broken files only: one line per file, no traceback, exit status 1."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in BAD:
+        (bad / name).write_bytes((photos / name).read_bytes())
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "restore.py"), "--checkpoint", ckpt,
+                           "--input", str(bad), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for name in BAD:
+        assert str(bad / name) in proc.stderr
