@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Recreate the shipped demo checkpoint (demo/checkpoint/) from scratch: `make demo-train`.
+#
+# No Stable Diffusion / CLIP weights are downloadable offline, so the tiny model learns its own
+# prior first, then the two Diff-Restorer stages, each stage starting from the previous export
+# (config.weights.init_from):
+#   1. prior_vae   the VAE as an autoencoder of clean crops
+#   2. prior_unet  the UNet as an unconditional latent denoiser (VAE frozen)
+#   3. stage1      visual prompt processor + control module (UNet, VAE, CLIP frozen)
+#   4. stage2      the degradation-aware decoder
+# Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
+# close-ups, written to a folder); coffee and rocket are held out for `make demo`.
+#
+# Step counts are sized for ~45 minutes on a small shared CPU; override them with the environment:
+#   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default runs/demo), OUT (default demo/checkpoint)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUN_DIR=${RUN_DIR:-runs/demo}
+OUT=${OUT:-demo/checkpoint}
+VAE_STEPS=${VAE_STEPS:-120}
+UNET_STEPS=${UNET_STEPS:-80}
+S1_STEPS=${S1_STEPS:-120}
+S2_STEPS=${S2_STEPS:-80}
+CONFIG=configs/tiny.py
+PHOTOS="$RUN_DIR/photos"
+# The tiny CPU model compiles its steps with XLA's backend optimisations off: compiling is most of
+# the time at this size, and the step runs at much the same speed.
+COMMON=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS"
+        --config.train.checkpoint_every=50 --config.train.log_every=10 --config.train.sample_every=0
+        # a few hundred steps: the EMA (what is exported) must forget the random init quickly
+        --config.train.ema_decay=0.9 --config.train.warmup_steps=10)
+
+start=$(date +%s)
+mkdir -p "$RUN_DIR"
+"$PY" -m diffrestorer_jax.data.demo_photos "$PHOTOS"
+
+stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
+  local name=$1 steps=$2 lr=$3 init=$4
+  shift 4
+  local t0
+  t0=$(date +%s)
+  echo "== $name: $steps steps, lr $lr, init_from '${init}' ($(date -u +%H:%M:%S) UTC)"
+  "$PY" launch/train.py --config "$CONFIG:$name" --workdir "$RUN_DIR/$name" "${COMMON[@]}" \
+    --config.train.num_steps="$steps" --config.train.learning_rate="$lr" \
+    --config.weights.init_from="$init" "$@"
+  echo "== $name took $(( $(date +%s) - t0 )) s"
+}
+
+stage prior_vae "$VAE_STEPS" 2e-3 ""
+stage prior_unet "$UNET_STEPS" 1e-3 "$RUN_DIR/prior_vae/export"
+stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export"
+stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export"
+
+rm -rf "$OUT"
+mkdir -p "$(dirname "$OUT")"
+cp -r "$RUN_DIR/stage2/export" "$OUT"
+echo "demo checkpoint: $OUT ($(du -sh "$OUT" | cut -f1)); total $(( $(date +%s) - start )) s on $(nproc) cores"

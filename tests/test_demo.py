@@ -1,0 +1,69 @@
+"""`launch/demo.py` on the shipped checkpoint: held-out gallery + metrics, and --input mode.
+
+Small and fast (32x32 photos, one sampler step): this checks the plumbing and that the files are
+sane, not the quality (demo/README.md and `make demo` report that at the demo's settings).
+"""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKPOINT = os.path.join(REPO, "demo", "checkpoint")
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(CHECKPOINT, "config.json")),
+                                reason="no shipped demo checkpoint (make demo-train)")
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("demo_cli", os.path.join(REPO, "launch", "demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_held_out_split_is_disjoint():
+    from diffrestorer_jax.data import demo_photos
+    assert set(demo_photos.HELD_OUT) == {"coffee", "rocket"}
+    assert not set(demo_photos.TRAIN) & set(demo_photos.HELD_OUT)
+    assert len(demo_photos.TRAIN) == 10
+
+
+def test_demo_gallery_and_metrics(tmp_path):
+    from diffrestorer_jax.data.image_io import read_image
+    out = tmp_path / "out"
+    assert _demo().main(["--out", str(out), "--size", "32", "--steps", "1"]) == 0
+    gallery = read_image(str(out / "gallery.png"))
+    # 9 rows (8 types + mixed) of 32 px, 6 columns (2 photos x degraded | restored | clean)
+    assert gallery.shape[0] >= 9 * 32 and gallery.shape[1] >= 6 * 32
+    assert gallery.std() > 0.05
+    text = (out / "metrics.md").read_text()
+    data = json.loads((out / "metrics.json").read_text())
+    names = [r["type"] for r in data["rows"]]
+    assert names[-1] == "mixed" and len(names) == 9
+    for r in data["rows"]:
+        assert r["type"] in text
+        for k in ("psnr_degraded", "psnr_restored"):
+            assert np.isfinite(r[k]) and 3.0 < r[k] < 80.0, r
+        for k in ("ssim_degraded", "ssim_restored"):
+            assert -1.0 <= r[k] <= 1.0, r
+    assert "steps" in text and "strength" in text
+
+
+def test_demo_input_mode(tmp_path):
+    from diffrestorer_jax.data import demo_photos
+    from diffrestorer_jax.data.image_io import read_image, write_png
+    src = tmp_path / "mine.png"
+    write_png(str(src), demo_photos.load_photos(["coffee"], 40)[0])  # not a multiple of 8: padded
+    out = tmp_path / "out"
+    assert _demo().main(["--input", str(src), "--out", str(out), "--steps", "1"]) == 0
+    restored = read_image(str(out / "restored" / "mine.png"))
+    assert restored.shape == (40, 40, 3)
+    assert not (out / "metrics.md").exists()
+
+
+def test_demo_missing_checkpoint(tmp_path, capsys):
+    assert _demo().main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
