@@ -77,15 +77,12 @@ def test_trained_fusion_changes_the_output_and_weight_zero_restores_the_vae(setu
 def test_gradients_reach_every_parameter(setup):
     dec, params, _, z, feats, pooled, _ = setup
     target = jax.random.normal(jax.random.PRNGKey(5), (2, 16, 16, 3))
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(dec.apply({"params": p}, z, feats, pooled) * target)))
 
-    def loss(p):
-        return jnp.sum(dec.apply({"params": p}, z, feats, pooled) * target)
-
-    grads = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(params))  # at init: the zero convs learn
+    grads = traverse_util.flatten_dict(grad(params))  # at init: the zero convs learn
     assert all(float(jnp.abs(g).max()) > 0 for p, g in grads.items() if p[0].startswith("fusions_")
                and p[1] == "conv_out" and p[-1] == "kernel")
-    moved = _perturb(params, _fusion, 3)
-    grads = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(moved))
+    grads = traverse_util.flatten_dict(grad(_perturb(params, _fusion, 3)))
     dead = ["/".join(p) for p, g in grads.items() if not float(jnp.abs(g).max()) > 0]
     assert not dead, f"no gradient reaches {dead}"
 
@@ -93,6 +90,7 @@ def test_gradients_reach_every_parameter(setup):
 def test_mismatched_features_are_refused(setup):
     dec, params, _, z, feats, pooled, _ = setup
     with pytest.raises(ValueError, match="LQ feature maps"):
-        dec.apply({"params": params}, z, feats[:2], pooled)
+        jax.eval_shape(dec.apply, {"params": params}, z, feats[:2], pooled)
     with pytest.raises(ValueError, match=r"lq_features\[0\] has shape"):
-        dec.apply({"params": params}, z, [f[:, :-2] if i == 0 else f for i, f in enumerate(feats)], pooled)
+        jax.eval_shape(dec.apply, {"params": params}, z, [f[:, :-2] if i == 0 else f for i, f in enumerate(feats)],
+                       pooled)
