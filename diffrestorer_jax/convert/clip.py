@@ -16,8 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
-from diffrestorer_jax.convert.core import (CheckpointError, RenamedStateDict, StateDict,
-                                           abstract_params, load_into)
+from diffrestorer_jax.convert.core import (CheckpointError, RenamedStateDict, ShardedStateDict,
+                                           StateDict, abstract_params, load_into)
 from diffrestorer_jax.models.clip_vision import CLIPVisionTransformer
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -92,29 +92,9 @@ def _open_hf_weights(folder: str) -> Mapping:
             continue
         if name.endswith(".index.json"):
             shards = sorted(set(_read_json(f).get("weight_map", {}).values()))
-            return _ShardedStateDict([StateDict(os.path.join(folder, s)) for s in shards], f)
+            return ShardedStateDict([os.path.join(folder, s) for s in shards], f)
         return StateDict(f)
     raise CheckpointError(f"{folder}: no weights found; expected one of {', '.join(HF_WEIGHT_FILES)}")
-
-
-class _ShardedStateDict(Mapping):
-    """The union of a sharded checkpoint's files, one lazy StateDict each."""
-
-    def __init__(self, parts, path: str):
-        self.path = path
-        self._where = {k: p for p in parts for k in p}
-
-    def __getitem__(self, key):
-        return self._where[key][key]
-
-    def shape(self, key):
-        return self._where[key].shape(key)
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
 
 
 def _read_json(path: str) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ materialised; tensors are read one at a time from safetensors (memory-mapped), c
 import json
 import os
 import re
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +183,33 @@ def _shape_of(sd, key) -> Tuple[int, ...]:
     if hasattr(sd, "shape") and callable(getattr(sd, "shape")):
         return tuple(sd.shape(key))
     return tuple(np.shape(sd[key]))
+
+
+class ShardedStateDict(Mapping):
+    """Several StateDicts (the shards of one model, e.g. `*.safetensors.index.json`) seen as one;
+    a key in two shards is an error."""
+
+    def __init__(self, files: List[str], path: str):
+        self.path = path
+        self._parts = [StateDict(f) for f in files]
+        self._where = {}
+        for part in self._parts:
+            for key in part:
+                if key in self._where:
+                    raise CheckpointError(f"{path}: key {key} appears in two shards")
+                self._where[key] = part
+
+    def __getitem__(self, key):
+        return self._where[key][key]
+
+    def shape(self, key) -> Tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 _NUMERIC = re.compile(r"^\d+$")

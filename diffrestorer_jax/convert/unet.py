@@ -6,11 +6,12 @@ A diffusers component folder holds `config.json` and `diffusion_pytorch_model.sa
 """
 import json
 import os
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
-from diffrestorer_jax.convert.core import CheckpointError, StateDict, abstract_params, load_into
+from diffrestorer_jax.convert.core import (CheckpointError, ShardedStateDict, StateDict, abstract_params,
+                                          load_into)
 from diffrestorer_jax.models.unet import UNet2DConditionModel
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -44,32 +45,6 @@ def read_config(folder: str, expected_class: str) -> Dict:
         raise CheckpointError(f"{path}: describes a {found}, not a {expected_class} "
                               f"(wrong folder passed?)")
     return config
-
-
-class ShardedStateDict(Mapping):
-    """Several StateDicts (the shards of one model) seen as one; keys must not repeat."""
-
-    def __init__(self, files: List[str], path: str):
-        self.path = path
-        self._parts = [StateDict(f) for f in files]
-        self._where = {}
-        for part in self._parts:
-            for key in part:
-                if key in self._where:
-                    raise CheckpointError(f"{path}: key {key} appears in two shards")
-                self._where[key] = part
-
-    def __getitem__(self, key):
-        return self._where[key][key]
-
-    def shape(self, key) -> Tuple[int, ...]:
-        return self._where[key].shape(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 def open_weights(folder: str, stem: str = WEIGHTS_STEM, variant: Optional[str] = None) -> Mapping:
