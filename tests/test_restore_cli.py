@@ -17,10 +17,9 @@ import pytest
 from PIL import Image
 
 from diffrestorer_jax.infer import buckets
-from diffrestorer_jax.infer.pipeline import restore
 from diffrestorer_jax.infer.runner import find_inputs, output_paths, path_image_id
 from diffrestorer_jax.models import diffrestorer as dr
-from diffrestorer_jax.parallel.sharding import unbox
+from diffrestorer_jax.parallel.sharding import CompileCounter, unbox
 from diffrestorer_jax.train.export import save_export
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -104,8 +103,8 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--checkpoint", ckpt, "--input", str(photos), "--output", str(out), "--seed", "3",
             "--no-progress", "--color-fix", "auto", "--config.sampler.eta=0.0"]
-    before = restore._cache_size()
-    assert restore_cli.main(args) == 1  # bad files -> non-zero
+    with CompileCounter("restore_bucket") as compiles:
+        assert restore_cli.main(args) == 1  # bad files -> non-zero
     err = capsys.readouterr().err
     assert "Traceback" not in err
     for name in BAD:
@@ -114,7 +113,7 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
     # One compilation per shape bucket (8 devices -> batch 8; two buckets: 32x32 and 40x48).
     sizes = {n: s for n, s in GOOD.items()}
     assert len({buckets.bucket_for(h, w, 8) for h, w in sizes.values()}) == 2
-    assert restore._cache_size() == before + 2
+    assert compiles.count == 2, compiles.names
     for name, (h, w) in GOOD.items():
         png = out / (os.path.splitext(name)[0] + ".png")
         assert _read(png).shape == (h, w, 3)
@@ -131,33 +130,35 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
     # Rerun: everything there is skipped (nothing rewritten, nothing compiled).
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     first = {p: _read(p) for p in stamp}
-    assert restore_cli.main(args) == 1
+    with CompileCounter("restore_bucket") as compiles:
+        assert restore_cli.main(args) == 1
+    assert compiles.count == 0
     assert "4 output(s) already exist" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamp
-    # --overwrite redoes them, with the same result and no new compilation.
+    # --overwrite redoes them, with the same result.
     assert restore_cli.main(args + ["--overwrite"]) == 1
     assert all(p.stat().st_mtime_ns != stamp[p] for p in stamp)
     assert all(np.array_equal(_read(p), first[p]) for p in stamp)
-    assert restore._cache_size() == before + 2
 
 
 def test_same_output_any_batch_or_device_count(ckpt, photos, tmp_path, capsys):
-    """a.png alone (1 device, batch 1), with b.jpg (1 device, batch 3, padded), and in the folder
-    run above's configuration (8 devices, batch 8 with three other images): identical PNGs."""
-    runs = {"alone": ["--input", str(photos / "a.png"), "--devices", "1", "--batch-size", "1"],
-            "batch3": ["--input", str(photos / "[ab].*"), "--devices", "1", "--batch-size", "3"],
-            "8dev": ["--input", str(photos), "--batch-size", "8"]}
+    """a.png asked with batch size 1 on 8 devices (alone; the batch is rounded up to 8 and padded),
+    with batch size 3 among b.jpg (and a padding row) on 1 device, and among the whole folder on 8
+    devices: identical PNGs. (Same 32x32 bucket as test_cli_folder, so the 8-device program is reused.)"""
+    runs = {"alone_8dev": ["--input", str(photos / "a.png"), "--batch-size", "1"],
+            "batch3_1dev": ["--input", str(photos / "[ab].*"), "--devices", "1", "--batch-size", "3"],
+            "folder_8dev": ["--input", str(photos), "--batch-size", "8"]}
     images = {}
     for name, extra in runs.items():
         out = tmp_path / name
         rc = restore_cli.main(["--checkpoint", ckpt, "--output", str(out), "--seed", "3", "--no-progress",
                                "--color-fix", "auto"] + extra)
-        assert rc == (1 if name == "8dev" else 0)
+        assert rc == (1 if name == "folder_8dev" else 0)
         images[name] = _read(out / "a.png")
         assert json.loads((out / "a.json").read_text())["image_id"] == path_image_id("a.png")
     capsys.readouterr()
-    np.testing.assert_array_equal(images["alone"], images["batch3"])
-    np.testing.assert_array_equal(images["alone"], images["8dev"])
+    np.testing.assert_array_equal(images["alone_8dev"], images["batch3_1dev"])
+    np.testing.assert_array_equal(images["alone_8dev"], images["folder_8dev"])
 
 
 def test_inputs_and_output_names(photos, tmp_path):

@@ -13,7 +13,7 @@ that '/'-separated path. The input root is the folder for `--input DIR`, the fil
 `--input photos/a.png` give a.png the same id. A hash (rather than the index in sorted order) keeps
 an image's output unchanged when other files are added to or removed from the folder.
 
-Parallelism. The batch is sharded over this process's local devices (the 'data' axis of a mesh from
+Parallelism. The batch is split over this process's local devices (shard_map over the 'data' axis of a mesh from
 `make_mesh`); the batch size is rounded up to a multiple of their count. On several hosts each
 process takes every process_count-th file of the sorted list and restores it on its own devices; no
 step needs the other hosts, so the same command runs on every host of a pod slice.
@@ -30,7 +30,9 @@ import tempfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffrestorer_jax.data.image_io import ImageReadError, read_image, write_png
 from diffrestorer_jax.diffusion import schedules
@@ -38,7 +40,7 @@ from diffrestorer_jax.infer import buckets
 from diffrestorer_jax.infer.colorfix import DEGRADATION_TYPES, color_fix, should_color_fix
 from diffrestorer_jax.infer.pipeline import Knobs, RestoreSettings, restore, size_multiple
 from diffrestorer_jax.parallel.mesh import make_mesh
-from diffrestorer_jax.parallel.sharding import batch_sharding, replicated
+from diffrestorer_jax.parallel.sharding import replicated
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 COLOR_FIX_METHODS = ("none", "wavelet", "adain", "auto")
@@ -150,9 +152,42 @@ def apply_overrides(config, overrides: Sequence[Tuple[str, Any]]):
 
 
 # ----------------------------------------------------------------------------------------- restorer
-@functools.partial(jax.jit, static_argnames=("method", "auto"))
-def _color_fix(image, lq, probs, method: str, auto: bool):
-    return color_fix(image, lq, method, probs if auto else None)
+@functools.lru_cache(maxsize=64)
+def _program(nets, settings: RestoreSettings, color_method: str, mesh):
+    """restore + colour fix for one bucket's settings, as one SPMD program over the mesh's 'data'
+    axis (shard_map): every device runs the single-device program on its own rows, so a row's result
+    cannot depend on the device count and no step communicates. Remembered per process, so later
+    Restorers with the same networks, settings and devices reuse the compiled programs."""
+    def body(params, lq, key, schedule, knobs, ids):
+        out = restore(nets, params, lq, key, schedule, settings, knobs, image_ids=ids)
+        images, probs = out["image"], out["type_probs"]
+        if color_method == "none":
+            fixed = jnp.zeros(lq.shape[0], bool)
+        elif color_method == "auto":
+            images = color_fix(images, lq, "wavelet", probs)
+            fixed = should_color_fix(probs)
+        else:
+            images = color_fix(images, lq, color_method)
+            fixed = jnp.ones(lq.shape[0], bool)
+        return images, probs, fixed
+
+    body.__name__ = "restore_bucket"  # what CompileCounter("restore_bucket") counts
+    rows, rep = PartitionSpec("data"), PartitionSpec()
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(rep, rows, rep, rep, rep, rows),
+                                 out_specs=(rows, rows, rows), check_vma=False))
+
+
+def _stamp(directory: str):
+    """Changes whenever the export is rewritten (save_export replaces config.json and params/)."""
+    return tuple(os.stat(os.path.join(directory, n)).st_mtime_ns for n in ("config.json", "params"))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_export(directory: str, stamp) -> Tuple[Any, Any, Any]:
+    """load_export, remembered per process (the demo and tests restore many times from one export)."""
+    del stamp
+    from diffrestorer_jax.train import export
+    return export.load_export(directory)
 
 
 class Restorer:
@@ -171,8 +206,8 @@ class Restorer:
         self.batch_size = buckets.round_batch(options.batch_size, n)
         self.multiple = size_multiple(nets)
         self._replicated = replicated(self.mesh)
-        self._images = batch_sharding(self.mesh, 4)
-        self._ids = batch_sharding(self.mesh, 1)
+        self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        self._programs: Dict[RestoreSettings, Any] = {}
         self.params = jax.device_put(params, self._replicated)
         self.schedule = make_schedule(config)
         self.key = jax.device_put(jax.random.PRNGKey(int(options.seed)), self._replicated)
@@ -189,7 +224,7 @@ class Restorer:
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, OSError) as e:
             raise RestoreError(f"--checkpoint {directory}: {e}") from None
         try:
-            _, nets, params = export.load_export(directory)
+            _, nets, params = _load_export(os.path.abspath(directory), _stamp(directory))
         except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for a damaged export
             raise RestoreError(f"--checkpoint {directory}: cannot load the parameters "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -249,21 +284,23 @@ class Restorer:
                 "tile_overlap": self.tile_overlap, "batch_size": self.batch_size,
                 "num_devices": self.num_devices, "checkpoint": self.source}
 
+    def program(self, settings: RestoreSettings):
+        """The jitted program of a bucket's settings (compiled on first use, once per bucket shape)."""
+        if settings not in self._programs:
+            self._programs[settings] = _program(self.nets, settings, self.options.color_fix, self.mesh)
+        return self._programs[settings]
+
+    def compile_count(self) -> int:
+        """Programs compiled so far (one per bucket shape)."""
+        return sum(p._cache_size() for p in self._programs.values())
+
     def restore_batch(self, batch: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[B, H, W, 3] (B = batch_size, H, W a bucket) -> (images, type probabilities, colour fixed?)."""
-        settings = self.settings_for(batch.shape[1:3])
-        lq = jax.device_put(np.asarray(batch, np.float32), self._images)
-        image_ids = jax.device_put(np.asarray(ids, np.int32), self._ids)
-        out = restore(self.nets, self.params, lq, self.key, self.schedule, settings, self.knobs, image_ids=image_ids)
-        images, probs = out["image"], out["type_probs"]
-        method = self.options.color_fix
-        if method == "none":
-            fixed = np.zeros(len(batch), bool)
-        else:
-            auto = method == "auto"
-            images = _color_fix(images, lq, probs, "wavelet" if auto else method, auto)
-            fixed = np.asarray(should_color_fix(probs)) if auto else np.ones(len(batch), bool)
-        return np.asarray(images), np.asarray(probs), fixed
+        program = self.program(self.settings_for(batch.shape[1:3]))
+        lq = jax.device_put(np.asarray(batch, np.float32), self._rows)
+        image_ids = jax.device_put(np.asarray(ids, np.int32), self._rows)
+        images, probs, fixed = program(self.params, lq, self.key, self.schedule, self.knobs, image_ids)
+        return np.asarray(images), np.asarray(probs), np.asarray(fixed)
 
     def restore_stream(self, items: Iterable[Tuple[Any, np.ndarray, int]]) -> Iterator[Tuple[Any, np.ndarray, Dict]]:
         """(tag, image [H, W, 3], image id) -> (tag, restored [H, W, 3], info), batched per bucket
