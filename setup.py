@@ -28,7 +28,8 @@ setup(
     ],
     extras_require={
         # PyTorch references for parity tests; torch 2.13.0 is the CPU wheel.
-        "test": ["pytest>=8", "portpicker", "torch==2.13.0", "diffusers>=0.42", "scikit-image>=0.24", "libtpu"],
+        "test": ["pytest>=8", "pytest-xdist", "portpicker", "torch==2.13.0", "diffusers>=0.42",
+                 "scikit-image>=0.24", "libtpu"],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
         "tpu_aot": ["libtpu"],
     },
