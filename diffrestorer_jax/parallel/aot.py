@@ -1,0 +1,268 @@
+"""Ahead-of-time compilation for TPU topologies we do not have (maxtext `train_compile.py` style).
+
+With `libtpu` installed, this CPU host can build abstract TPU devices for a named slice
+(`jax.experimental.topologies`), put the config's mesh over them, and lower + compile a step for
+ShapeDtypeStructs that carry shardings. Nothing runs; XLA's TPU compiler reports per-chip memory
+(`memory_analysis`) and FLOPs (`cost_analysis`), which is what decides whether a config fits a slice.
+
+    spec = tpu_spec("v5e-256")                     # generation, chips, HBM, peak bf16 FLOP/s
+    devices = topology_devices("v5e-256", num_slices=1)
+    report = compile_train_step(config, devices)   # or compile_restore(config, devices, batch, steps)
+    print(format_report(report, spec))
+
+FLOP counts. `xla_flops_per_chip` is XLA's count for the partitioned (per-chip) program after
+optimisation, remat recompute included. `model_flops` is our count of the *global* step: the same step
+lowered with remat off, counted by XLA's HLO cost model on the un-partitioned, un-optimised module
+(every dot and convolution from its shapes: 2 x M x N x K, 2 x out elements x kernel volume x C_in),
+so it is the textbook "useful work" number MFU is defined against. Implied step time at a given MFU
+is model_flops / (chips x peak x MFU).
+"""
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    name: str
+    hbm_bytes: int          # per chip
+    peak_bf16_flops: float  # per chip, dense
+    megacore: bool          # 2 TensorCores act as one device; the "-N" suffix counts cores
+    dims: int               # torus dimensions of the topology name
+
+
+# Public Cloud TPU figures (per chip).
+GENERATIONS = {
+    "v4": TpuGeneration("v4", 32 * GiB, 275e12, True, 3),
+    "v5e": TpuGeneration("v5e", 16 * GiB, 197e12, False, 2),
+    "v5p": TpuGeneration("v5p", 95 * GiB, 459e12, True, 3),
+    "v6e": TpuGeneration("v6e", 32 * GiB, 918e12, False, 2),
+}
+
+# chips -> physical shape of one slice (the shapes Cloud TPU provisions).
+_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16),
+              4096: (16, 16, 16)}
+_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+              256: (16, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSpec:
+    name: str               # e.g. "v5e-256"
+    generation: TpuGeneration
+    chips: int              # per slice
+    topology_name: str      # e.g. "v5e:16x16"
+    chip_config_name: str
+    chips_per_host_bounds: tuple
+
+
+def tpu_spec(name: str) -> TpuSpec:
+    """'v5e-256' / 'v4-32' / 'v5p-128' / 'v6e-8' -> the topology description libtpu wants.
+
+    The suffix counts TensorCores for v4/v5p (2 per chip, megacore) and chips for v5e/v6e, as in
+    Cloud TPU accelerator types.
+    """
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name.strip().lower().replace("litepod", "e"))
+    if not m:
+        raise ValueError(f"unknown TPU topology {name!r}; use <gen>-<size> with gen in "
+                         f"{sorted(GENERATIONS)}, e.g. v5e-256, v4-32, v5p-128, v6e-256")
+    gen = GENERATIONS[m.group(1)]
+    size = int(m.group(2))
+    chips = size // 2 if gen.megacore else size
+    shapes = _SHAPES_3D if gen.dims == 3 else _SHAPES_2D
+    if chips not in shapes:
+        raise ValueError(f"{name}: {chips} chips is not a {gen.name} slice shape we know "
+                         f"(chips: {sorted(shapes)})")
+    shape = shapes[chips]
+    topo = f"{gen.name}:" + "x".join(map(str, shape))
+    host = (2, 2, 1) if chips >= 4 else (1, 1, 1)
+    return TpuSpec(name, gen, chips, topo, "megacore" if gen.megacore else "default", host)
+
+
+def topology_devices(name: str, num_slices: int = 1):
+    """Abstract TPU devices of `num_slices` slices of topology `name` (needs libtpu, no TPU)."""
+    import os
+    from jax.experimental import topologies
+    # Compiling needs no TPU, so several compiles (tests, other users) may share the host: skip
+    # libtpu's one-process lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    spec = tpu_spec(name)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology_name,
+                                        chip_config_name=spec.chip_config_name,
+                                        chips_per_host_bounds=spec.chips_per_host_bounds,
+                                        num_slices=num_slices)
+    return list(desc.devices)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiling
+# ------------------------------------------------------------------------------------------------
+def _cost(obj) -> Dict[str, float]:
+    c = obj.cost_analysis()
+    if isinstance(c, (list, tuple)):
+        c = c[0] if c else {}
+    return dict(c or {})
+
+
+def _memory(compiled) -> Dict[str, int]:
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0)) for k in
+           ("argument", "output", "temp", "alias", "generated_code")}
+    out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def _example_batch(run, paired: bool):
+    """The step's host batch layout: {'hq', 'index'} (synthetic LQ made on device by the step's
+    degradation pipeline), or with `paired` also {'lq', 'type_id'} (no degradation in the step)."""
+    example = run.example_batch()
+    if paired:
+        example["lq"] = example["hq"]
+        example["type_id"] = example["index"]
+    return example
+
+
+def _train_lowered(config, devices, paired: bool = False):
+    """(lowered step, Run) for the config's stage, its mesh over `devices`, its batch."""
+    from diffrestorer_jax.parallel import sharding
+    from diffrestorer_jax.train.loop import Run
+
+    run = Run(config, "/tmp/aot_unused", devices=devices)
+    example = _example_batch(run, paired)
+    batch_sh = {k: sharding.batch_sharding(run.mesh, np.ndim(v), run.rules) for k, v in example.items()}
+    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=batch_sh[k])
+                for k, v in example.items()}
+    jitted = jax.jit(run.step_fn, in_shardings=(run.plan.state_shardings, run.plan.frozen_shardings,
+                                                 batch_sh),
+                     out_shardings=(run.plan.state_shardings, run.replicated), donate_argnums=(0,))
+    with sharding.mesh_context(run.mesh, run.rules):
+        lowered = jitted.lower(run.plan.state_target, run.plan.frozen_target, abstract)
+    return lowered, run
+
+
+def _restore_lowered(config, devices, batch: int, steps: int):
+    from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
+    from diffrestorer_jax.models import diffrestorer as dr
+    from diffrestorer_jax.parallel import mesh as mesh_lib
+    from diffrestorer_jax.parallel import rules as rules_lib
+    from diffrestorer_jax.parallel import sharding
+    from diffrestorer_jax.train.loop import make_schedule
+
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    rules = rules_lib.get_rules(config)
+    nets = dr.build_networks(config.model)
+    size = int(config.image_size)
+    params, _ = sharding.plan_sharded(lambda k: dr.init_params(nets, k, size), mesh, rules,
+                                      jax.random.PRNGKey(0))
+    rep = sharding.replicated(mesh)
+    lq = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
+                              sharding=sharding.batch_sharding(mesh, 4, rules))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+    sched = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=rep),
+                         make_schedule(config))
+    settings = RestoreSettings(sampler=config.sampler.name, steps=int(steps))
+    with sharding.mesh_context(mesh, rules):
+        lowered = restore.lower(nets, params, lq, key, sched, settings)
+    return lowered, mesh
+
+
+def _without_remat(config):
+    c = config.copy_and_resolve_references()
+    c.model.remat_policy = "none"
+    return c
+
+
+def compile_train_step(config, devices, count_model_flops: bool = True, paired: bool = False,
+                       compiler_options: Optional[dict] = None) -> Dict[str, Any]:
+    """Compile the config's stage step for `devices`; memory, FLOPs, compile time (a dict).
+
+    `paired`: the batch brings its LQ images, so the step has no on-device degradation (the
+    degradation pipeline is most of the HLO and of the compile time, little of the memory/FLOPs).
+    """
+    t0 = time.time()
+    lowered, run = _train_lowered(config, devices, paired)
+    t1 = time.time()
+    compiled = lowered.compile(compiler_options)
+    t2 = time.time()
+    report = {"what": config.stage + (" (paired LQ)" if paired else ""), "mesh": dict(run.mesh.shape), "batch": int(config.train.batch_size),
+              "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
+              "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
+              "chips": len(devices), "images_per_step": int(config.train.batch_size)}
+    if count_model_flops:
+        report["model_flops"] = model_flops_train(config, devices, paired)
+    return report
+
+
+def model_flops_train(config, devices, paired: bool = False) -> float:
+    """Global FLOPs of one train step without remat recompute (HLO cost model, un-partitioned)."""
+    lowered, _ = _train_lowered(_without_remat(config), devices, paired)
+    return _cost(lowered).get("flops", float("nan"))
+
+
+def compile_restore(config, devices, batch: int, steps: int,
+                    count_model_flops: bool = True) -> Dict[str, Any]:
+    """Compile `restore` (the whole sampler loop, `steps` denoising steps) for `batch` images.
+
+    The sampler is a `lax.scan`, so per-step memory does not grow with `steps`; a short `steps`
+    gives the same per-chip memory and a proportional FLOP count (scaled to 50 steps in the report).
+    """
+    t0 = time.time()
+    lowered, mesh = _restore_lowered(config, devices, batch, steps)
+    t1 = time.time()
+    compiled = lowered.compile()
+    t2 = time.time()
+    report = {"what": f"restore ({steps} steps)", "mesh": dict(mesh.shape), "batch": batch,
+              "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
+              "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
+              "chips": len(devices), "images_per_step": batch, "steps": steps}
+    if count_model_flops:
+        report["model_flops"] = _cost(lowered).get("flops", float("nan"))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------
+def _gib(n) -> str:
+    return f"{n / GiB:7.2f} GiB"
+
+
+def format_report(report: Dict[str, Any], gen: TpuGeneration, mfus=(0.3, 0.4, 0.5)) -> str:
+    m = report["memory"]
+    hbm = gen.hbm_bytes
+    lines = [
+        f"{report['what']}: batch {report['batch']} on {report['chips']} x TPU {gen.name}, "
+        f"mesh {report['mesh']}, remat {report['remat']}",
+        f"  lower {report['lower_s']:.1f} s, compile {report['compile_s']:.1f} s",
+        "  per chip: argument " + _gib(m["argument"]) + ", output " + _gib(m["output"])
+        + ", temp " + _gib(m["temp"]) + ", alias " + _gib(m["alias"]),
+        f"  per chip: total {_gib(m['total'])} of {_gib(hbm)} HBM ({100 * m['total'] / hbm:.0f}%)"
+        f" -> {'FITS' if m['total'] <= hbm else 'DOES NOT FIT'}",
+    ]
+    xla = report["xla_flops_per_chip"]
+    lines.append(f"  FLOPs: XLA per chip {xla:.4g} (x{report['chips']} chips = {xla * report['chips']:.4g},"
+                 " remat recompute included)")
+    mf = report.get("model_flops")
+    if mf is not None and math.isfinite(mf):
+        lines.append(f"  FLOPs: model (global, HLO count without remat) {mf:.4g} = "
+                     f"{mf / report['images_per_step']:.4g} per image; XLA/model = "
+                     f"{xla * report['chips'] / mf:.2f}")
+        for u in mfus:
+            t = mf / (report["chips"] * gen.peak_bf16_flops * u)
+            lines.append(f"  at MFU {u:.0%}: {t * 1e3:.1f} ms per step, "
+                         f"{report['images_per_step'] / t:.0f} images/s "
+                         f"(peak {gen.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 per chip)")
+    return "\n".join(lines)
+
+
+def fits(report: Dict[str, Any], gen: TpuGeneration) -> bool:
+    return report["memory"]["total"] <= gen.hbm_bytes
