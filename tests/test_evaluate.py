@@ -43,8 +43,12 @@ def paired(tmp_path_factory):
     return root
 
 
-def test_evaluate_folder_matches_skimage(paired, tmp_path, capsys):
-    ckpt = tiny_export(tmp_path / "export")
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("export"))
+
+
+def test_evaluate_folder_matches_skimage(ckpt, paired, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = evaluate_cli.main(["--checkpoint", ckpt, "--data", str(paired), "--out", str(out), "--steps", "2",
                             "--seed", "1", "--save-images", "--no-progress", "--crop-border", "2"])
@@ -87,3 +91,19 @@ def test_evaluate_errors_are_messages(tmp_path, capsys):
     assert "no LQ/GT pairs" in capsys.readouterr().err
     with pytest.raises(ev.EvaluateError):
         ev.count_and_load(str(tmp_path / "empty"))
+
+
+def test_tfds_dataset_gives_the_same_numbers(ckpt, paired, tmp_path, capsys):
+    """The same pairs as a built TFDS `paired` dataset: same image ids, so the same restorations."""
+    from diffrestorer_jax.data.tfds.build import build_dataset
+    build_dataset("paired", [str(paired)], str(tmp_path / "tfds"), "test")
+    runs = {}
+    for kind, data in (("folders", paired), ("tfds", tmp_path / "tfds")):
+        out = tmp_path / kind
+        assert evaluate_cli.main(["--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--steps", "2",
+                                  "--seed", "1", "--no-progress"]) == 0
+        runs[kind] = json.loads((out / "metrics.json").read_text())
+        assert runs[kind]["protocol"]["data_kind"] == kind
+    capsys.readouterr()
+    rows = lambda m: sorted((r["name"], r["psnr"], r["ssim_y"]) for r in m["per_image"])  # noqa: E731
+    assert rows(runs["folders"]) == rows(runs["tfds"])
