@@ -81,20 +81,11 @@ def config_for(smoke: bool, batch: int):
     return c
 
 
-def bench_train(args, device_name: str):
+def _ours_train(args, c, batch):
+    """(median step seconds, model FLOPs); everything on the device is freed on return."""
     import jax
-    import torch
-    from benchmarks.cpu_vs_torch import Bench, TrainPair
     from diffrestorer_jax.parallel import aot
     from diffrestorer_jax.train.loop import Run, global_batch
-    c = config_for(args.smoke, args.batch)
-    b = Bench("tiny" if args.smoke else "sd15", int(c.image_size) // (4 if args.smoke else 8), "/tmp")
-    b.config = c
-    rng = np.random.default_rng(0)
-    s = int(c.image_size)
-    batch = {"hq": rng.random((args.batch, s, s, 3), np.float32),
-             "lq": rng.random((args.batch, s, s, 3), np.float32),
-             "index": np.arange(args.batch, dtype=np.int32), "type_id": np.zeros(args.batch, np.int32)}
     run = Run(c, "/tmp/gpu_bench_run")
     state, frozen = run.init()
     compiled = run.compile(batch)
@@ -104,9 +95,23 @@ def bench_train(args, device_name: str):
     def ours():
         holder[0], m = compiled(holder[0], frozen, gb)
         jax.block_until_ready(m["loss"])
+    del state
     t_ours = timed(ours, args.reps)
-    flops = aot.model_flops_train(c, jax.devices())  # global, no remat recompute
-    del holder, state, frozen, compiled
+    return t_ours, aot.model_flops_train(c, jax.devices(), paired=True)  # global, no remat recompute
+
+
+def bench_train(args, device_name: str):
+    import torch
+    from benchmarks.cpu_vs_torch import Bench, TrainPair
+    c = config_for(args.smoke, args.batch)
+    b = Bench("tiny" if args.smoke else "sd15", int(c.image_size) // (4 if args.smoke else 8), "/tmp")
+    b.config = c
+    rng = np.random.default_rng(0)
+    s = int(c.image_size)
+    batch = {"hq": rng.random((args.batch, s, s, 3), np.float32),
+             "lq": rng.random((args.batch, s, s, 3), np.float32),
+             "index": np.arange(args.batch, dtype=np.int32), "type_id": np.zeros(args.batch, np.int32)}
+    t_ours, flops = _ours_train(args, c, batch)
     print(f"train ours: {t_ours * 1e3:.1f} ms/step, {args.batch / t_ours:.2f} images/s, "
           f"{flops / args.batch / 1e12:.3f} TFLOP/image, MFU {flops / t_ours / peak_flops(device_name):.1%}",
           flush=True)
@@ -126,29 +131,33 @@ def bench_train(args, device_name: str):
     return t_ours, t_th
 
 
-def bench_restore(args):
+def _ours_restore(args, c, lq_np) -> float:
     import jax
-    import torch
     from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.parallel import sharding
     from diffrestorer_jax.train.loop import make_schedule
-    c = config_for(args.smoke, args.restore_batch)
     nets = dr.build_networks(c.model)
     s = int(c.image_size)
     params = sharding.unbox(jax.jit(lambda k: dr.init_params(nets, k, s))(jax.random.PRNGKey(0)))
-    lq = jax.numpy.asarray(np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32))
+    lq = jax.numpy.asarray(lq_np)
     settings = RestoreSettings(steps=args.steps)
     sched = make_schedule(c)
 
     def ours():
         jax.block_until_ready(restore(nets, params, lq, jax.random.PRNGKey(0), sched, settings)["image"])
-    t_ours = timed(ours, max(1, args.reps // 3))
-    del params
+    return timed(ours, max(1, args.reps // 3))
+
+
+def bench_restore(args):
+    c = config_for(args.smoke, args.restore_batch)
+    s = int(c.image_size)
+    lq = np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32)
+    t_ours = _ours_restore(args, c, lq)
     print(f"restore ours ({args.steps} steps): {t_ours:.2f} s/batch, {args.restore_batch / t_ours:.2f} images/s",
           flush=True)
 
-    t_th = torch_restore(c, args, np.asarray(lq))
+    t_th = torch_restore(c, args, lq)
     print(f"restore PyTorch: {t_th:.2f} s/batch, {args.restore_batch / t_th:.2f} images/s; "
           f"ours/PyTorch time {t_ours / t_th:.2f}x", flush=True)
     return t_ours, t_th
