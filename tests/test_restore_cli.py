@@ -194,3 +194,17 @@ def test_subprocess_exit_status_and_stderr(ckpt, photos, tmp_path):
     assert "Traceback" not in proc.stderr
     for name in BAD:
         assert str(bad / name) in proc.stderr
+
+
+def test_large_buckets_are_tiled(ckpt):
+    """Buckets larger than the config's training size (64 px = 16 latent) get a tiled program; the
+    tile and overlap options are checked before anything is compiled."""
+    from diffrestorer_jax.infer.runner import Options, RestoreError, Restorer
+    r = Restorer.from_export(ckpt, Options(steps=2))
+    assert r.settings_for((64, 64)).tile is None
+    big = r.settings_for(r.bucket(72, 100))
+    assert big.tile == 16 and big.tile_overlap == 4
+    assert Restorer.from_export(ckpt, Options(tile=0)).settings_for((256, 256)).tile is None
+    assert Restorer.from_export(ckpt, Options(tile=8, tile_overlap=2)).settings_for((64, 64)).tile == 8
+    with pytest.raises(RestoreError, match="multiple of 2"):
+        Restorer.from_export(ckpt, Options(tile=7))

@@ -421,6 +421,11 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
     from tqdm import tqdm
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
+    out_root = os.path.join(os.path.abspath(out_dir), "")
+    inside = [f for f in inputs.files if f.startswith(out_root)]
+    if inside:  # --output inside --input: earlier outputs are not inputs
+        log(f"ignoring {len(inside)} input file(s) inside the output folder {out_dir}")
+        inputs = InputSet(inputs.root, [f for f in inputs.files if not f.startswith(out_root)])
     outputs = output_paths(inputs, os.path.abspath(out_dir))
     summary = Summary()
     todo = []
