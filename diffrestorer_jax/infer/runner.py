@@ -182,9 +182,10 @@ def _stamp(directory: str):
     return tuple(os.stat(os.path.join(directory, n)).st_mtime_ns for n in ("config.json", "params"))
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _load_export(directory: str, stamp) -> Tuple[Any, Any, Any]:
-    """load_export, remembered per process (the demo and tests restore many times from one export)."""
+    """load_export, remembered per process for the last export (the demo and tests restore many times
+    from one export; one, so a full-size model is never held twice)."""
     del stamp
     from diffrestorer_jax.train import export
     return export.load_export(directory)
