@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         return 2
     try:
         overrides = runner.parse_overrides(rest)
-        kind, entries, problems = ev.count_and_load(args.data, args.split, args.max_per_type)
+        kind, entries, problems = ev.load_pairs(args.data, args.split, args.max_per_type)
         for path, reason in problems:
             print(f"skipped: {path}: {reason}", file=sys.stderr)
         lpips = None

@@ -90,7 +90,7 @@ def test_evaluate_errors_are_messages(tmp_path, capsys):
                               "--out", str(tmp_path / "o")]) == 2
     assert "no LQ/GT pairs" in capsys.readouterr().err
     with pytest.raises(ev.EvaluateError):
-        ev.count_and_load(str(tmp_path / "empty"))
+        ev.load_pairs(str(tmp_path / "empty"))
 
 
 def test_tfds_dataset_gives_the_same_numbers(ckpt, paired, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Restore a paired test set and measure it: PSNR/SSIM (RGB and Y), LPIPS, FID, per degradation type.
 
-    pairs = load_pairs(data_dir_or_folder, split)       # DA-CLIP folders or a built `paired` TFDS set
-    results = evaluate(restorer, pairs, crop_border=0, lpips=(module, params))
-    write_reports(out_dir, results)                      # metrics.json + metrics.md
+    kind, entries, problems = load_pairs(data_dir_or_folder, split)  # DA-CLIP folders or a TFDS `paired` set
+    results = evaluate(restorer, entries, crop_border=0, lpips=(module, params))
+    write_reports(out_dir, results, protocol(restorer, ...))   # metrics.json + metrics.md
 
 Conventions (also written into metrics.json under "protocol"):
   * The restored image is quantised to 8 bits first (what a user gets as a PNG), the GT is read as
@@ -18,13 +18,12 @@ Conventions (also written into metrics.json under "protocol"):
     degradation weighs the same, as multi-degradation tables do); "all images": the plain mean.
   * "input" rows measure the degraded LQ against the GT, the baseline a restorer must beat.
 """
-import dataclasses
 import datetime
 import json
 import os
 import platform
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -39,20 +38,12 @@ class EvaluateError(Exception):
     """A foreseeable problem with the evaluation as a whole (no data, bad folder): a message."""
 
 
-@dataclasses.dataclass
-class Pair:
-    name: str  # '<type>/<file>' : also hashed into the image id
-    type_name: str
-    lq: np.ndarray
-    gt: np.ndarray
-
-
 # ------------------------------------------------------------------------------------------ data
 def _is_tfds_dir(data: str) -> bool:
     return os.path.isdir(os.path.join(data, "paired"))
 
 
-def count_and_load(data: str, split: str = "test", max_per_type: Optional[int] = None
+def load_pairs(data: str, split: str = "test", max_per_type: Optional[int] = None
                    ) -> Tuple[str, List[Tuple[str, str, Callable[[], Tuple[np.ndarray, np.ndarray]]]], List[Tuple[str, str]]]:
     """(kind, [(name, type, loader)], problems) for a DA-CLIP folder or a TFDS data_dir with `paired`."""
     from diffrestorer_jax.data.tfds.paired import folder_type
