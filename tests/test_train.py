@@ -17,13 +17,13 @@ import jax.numpy as jnp
 
 from configs import tiny
 from diffrestorer_jax.data import degradations
+from diffrestorer_jax.parallel.sharding import CompileCounter
 from diffrestorer_jax.train import loop, optim
 from diffrestorer_jax.train import state as st
 from diffrestorer_jax.train.checkpoint import Checkpointer
 
 FAST = loop.FAST_COMPILE
 BATCH, SIZE = 8, 32
-CACHE_EVENTS = ("/jax/compilation_cache/cache_hits",)
 
 
 def small_config(stage="stage1", mesh=(1, 1)):
@@ -41,39 +41,10 @@ def small_config(stage="stage1", mesh=(1, 1)):
     return c
 
 
-class Counter:
-    """Backend compiles + persistent-cache hits: every XLA program the process obtains."""
-
-    def __init__(self):
-        self.count = 0
-
-    def _duration(self, event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def _event(self, event, **kw):
-        if event in CACHE_EVENTS:
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._duration)
-        jax.monitoring.register_event_listener(self._event)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._duration)
-        jax.monitoring.unregister_event_listener(self._event)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Persistent XLA cache for this module only (reruns of the suite skip the slow compiles)."""
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", "/tmp/diffrestorer_jax_test_cache")
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+def Counter():
+    """Compilations of the train step itself (small helper ops such as array creation also compile;
+    they are not what "the step compiles once" is about)."""
+    return CompileCounter("jit(step)")
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +127,9 @@ def test_partition_specs_follow_rules(mesh_run):
     checked = 0
     for tree in (plan.frozen_shardings["unet"], plan.state_shardings.params["control"]):
         flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        shapes = dict(jax.tree_util.tree_flatten_with_path(
-            jax.tree.map(lambda x: x.shape, plan.frozen_target["unet"] if tree is plan.frozen_shardings["unet"]
-                         else plan.state_target.params["control"]))[0])
+        target = (plan.frozen_target["unet"] if tree is plan.frozen_shardings["unet"]
+                  else plan.state_target.params["control"])
+        shapes = {path: x.shape for path, x in jax.tree_util.tree_flatten_with_path(target)[0]}
         for path, sh in flat:
             name = jax.tree_util.keystr(path)
             shape = shapes[path]
