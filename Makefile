@@ -1,14 +1,20 @@
-# Two commands for a new user: `make test` and `make demo`. Both build .venv on first use.
+# Two commands for a new user: `make demo` and `make test`. Both build .venv on first use;
+# the demo needs only the runtime packages, the tests add the PyTorch references.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo demo-train clean
 
-$(STAMP): setup.py
+$(RUNTIME): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[test]'
 	# The LPIPS parity reference; --no-deps because its torchvision requirement does not import
 	# beside the CPU torch wheel (the test supplies the few torchvision pieces lpips needs).
@@ -17,14 +23,15 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Two workers, one test file each at a time: the suite is dominated by single-threaded XLA compiles.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(PY) launch/demo.py
 
 # Recreate demo/checkpoint from scratch (prior_vae -> prior_unet -> stage1 -> stage2); see demo/README.md.
-demo-train: $(STAMP)
+demo-train: $(RUNTIME)
 	PY=$(PY) launch/demo_train.sh
 
 clean:

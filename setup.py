@@ -22,6 +22,7 @@ setup(
         "Pillow>=10",
         "tqdm",
         "dm-pix>=0.4.5",
+        "scikit-image>=0.24",  # the demo's bundled photos (skimage.data)
         "absl-py",
         "tensorboardX",
         "numpy",
@@ -29,7 +30,7 @@ setup(
     extras_require={
         # PyTorch references for parity tests; torch 2.13.0 is the CPU wheel.
         "test": ["pytest>=8", "pytest-xdist", "portpicker", "torch==2.13.0", "diffusers>=0.42",
-                 "scikit-image>=0.24", "libtpu"],
+                 "libtpu"],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
         "tpu_aot": ["libtpu"],
     },
