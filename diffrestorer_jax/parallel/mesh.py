@@ -135,6 +135,19 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     return True
 
 
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process reaches `name` (a no-op in a single-process run).
+
+    Uses the coordination service, not a device collective: the first collective over a device set
+    builds its CPU (gloo) communicator, and that handshake gives up after 30 s. Processes that compile
+    or restore at different speeds must therefore meet here before their first collective step.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination client `jax.distributed.initialize` made
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
 def _tpu_pod_workers() -> int:
     """Number of TPU VM workers from the env the TPU runtime sets (1 when not on a pod)."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")

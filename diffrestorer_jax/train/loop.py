@@ -258,6 +258,8 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
     if config.stage == "stage2" and not (tcfg.lpips_vgg and tcfg.lpips_lin):
         logging.warning("LPIPS is off: config.train.lpips_vgg / lpips_lin are not set")
     compiled = run.compile()
+    # Processes finish compiling at different times; meet before the first collective (see barrier).
+    mesh_lib.barrier(f"train step compiled at {start}")
     sample_lq = None
     own_guard = guard is None
     guard = PreemptionGuard() if own_guard else guard
