@@ -67,12 +67,25 @@ def base_config() -> ml_collections.ConfigDict:
         classifier_weight=0.1, max_consecutive_skips=20,
         # stage 2 (decoder): L1 + LPIPS + PatchGAN hinge after gan_start_step
         lpips_weight=1.0, gan_weight=0.1, gan_start_step=10_000, lpips_vgg="", lpips_lin="",
+        # the decoder's latents: 'hq' (VAE of HQ), 'predicted' (the stage-1 model's one-step z_0
+        # estimate at t < decoder_max_timestep, 0 = any) or 'mixed' (predicted w.p. decoder_predicted_prob)
+        decoder_latents="mixed", decoder_predicted_prob=0.5, decoder_max_timestep=0,
         kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
 
+    # Training data (train/loop.py `make_data`); crops are image_size, batches train.batch_size.
+    #   kind 'skimage'    the bundled demo photos, in memory
+    #        'hq_folder'  the images in hq_dir, in memory (small sets; LQ synthesised on device)
+    #        'tfds'       datasets built by launch/build_dataset.py into tfds_dir, read by the grain
+    #                     pipeline (data/pipeline.py): tfds_kinds 'hq_folder' (degraded on device),
+    #                     'paired' (real LQ + type label) or 'hq_folder,paired' (a mixture sampled
+    #                     by mix_weights, e.g. '1,1'; empty = equal), from split `split`.
+    #   num_threads / prefetch: grain read threads and host prefetch buffer (elements) per host;
+    #   device_prefetch: global batches put on the devices ahead of the step.
     c.data = ml_collections.ConfigDict(dict(
-        kind="hq_folder",  # hq_folder | paired | mixed | skimage (the bundled demo photos)
-        hq_dir="", paired_dir="", paired_fraction=0.5, flip=True, num_workers=2, prefetch=2))
+        kind="hq_folder", hq_dir="", flip=True,
+        tfds_dir="", tfds_kinds="hq_folder", mix_weights="", split="train",
+        num_threads=4, prefetch=8, device_prefetch=2))
     c.degradation = ml_collections.ConfigDict(dict(preset="default"))  # or "paper_protocol"
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))

@@ -207,3 +207,12 @@ def test_stage2_learns(pool, tmp_path):
     assert [h["gan_on"] for h in hist][:5] == [0, 0, 0, 0, 1]
     assert np.isfinite(hist[-1]["gan_d"])
     assert np.mean(l1[-4:]) < np.mean(l1[:4]), l1
+
+
+def test_stage2_rejects_unknown_decoder_latents():
+    from diffrestorer_jax.models import diffrestorer as dr
+    from diffrestorer_jax.train import stage2
+    c = small_config("stage2")
+    c.train.decoder_latents = "sampled"
+    with pytest.raises(ValueError, match="decoder_latents='sampled'"):
+        stage2.make_step(dr.build_networks(c.model), c, None, loop.make_schedule(c), None, None, lpips=())

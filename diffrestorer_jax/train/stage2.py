@@ -2,8 +2,15 @@
 
 One step:
   LQ       = degrade(HQ) (per-example keys) or the paired LQ, as in stage 1
-  z_0      = VAE(HQ) latents (posterior sample). The paper's recipe also mixes in latents sampled
-             by the stage-1 model from LQ; that cache is not built here (VAE(HQ) latents only).
+  z_0      = the latent the decoder gets, by `train.decoder_latents`:
+             'hq'        VAE(HQ) latents (posterior sample): the decoder learns to trust its latent;
+             'predicted' the frozen stage-1 model's one-step estimate of z_0 from z_t = noise(VAE(HQ), t)
+                         at a random t, conditioned on the LQ: latents as wrong as the sampler's can
+                         be, so the decoder learns to correct them from the LQ features;
+             'mixed'     per example, 'predicted' with probability `train.decoder_predicted_prob`.
+             The paper mixes VAE(HQ) latents with latents sampled by the stage-1 model; a full
+             sampling run per example is too costly inside a train step, and the one-step estimate
+             covers the same range of errors (large t: far from HQ, small t: close to it).
   features = frozen VAE encoder features of LQ;  P_D = frozen prompt processor(CLIP(LQ))
   image    = decoder(z_0, features, mean(P_D))
   loss     = L1(image, HQ) + lpips_weight * LPIPS (only when lpips_vgg/lpips_lin are configured)
@@ -18,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.train import discriminator as disc_lib
 from diffrestorer_jax.train import optim
@@ -47,21 +55,40 @@ def load_lpips(config):
 
 def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None):
     """`step(state, frozen, batch) -> (state, metrics)`, batch as in stage 1."""
-    del schedule
     tcfg = config.train
     degrade_fn = stage1.make_degrade(config)
     lpips = load_lpips(config) if lpips is None else lpips
     lr_fn = optim.make_schedule(st.optimizer_config(tcfg))
     accum = max(1, int(tcfg.grad_accum_steps))
     fidelity = float(config.model.decoder.get("fidelity_weight", 1.0))
+    latents = str(tcfg.get("decoder_latents", "hq"))
+    if latents not in ("hq", "predicted", "mixed"):
+        raise ValueError(f"train.decoder_latents={latents!r}: use 'hq', 'predicted' or 'mixed'")
+    p_predicted = {"hq": 0.0, "predicted": 1.0}.get(latents, float(tcfg.get("decoder_predicted_prob", 0.5)))
+    ctl = config.model.control
+    # Largest t for 'predicted' latents: near SNR 0 an epsilon model's one-step estimate divides by
+    # sqrt(alpha_bar) ~ 0.07 and is mostly noise; a sampler never hands the decoder that.
+    max_t = int(tcfg.get("decoder_max_timestep", 0)) or None
 
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
         hq = batch["hq"].astype(jnp.float32)
-        k_deg, k_lat = st.step_keys(state, batch["index"], 2)
+        if p_predicted == 0.0:
+            k_deg, k_lat = st.step_keys(state, batch["index"], 2)
+        else:
+            k_deg, k_lat, k_t, k_noise, k_mix = st.step_keys(state, batch["index"], 5)
         lq, _ = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
-        z0 = jax.vmap(lambda k, x: dr.encode_latents(nets, frozen["vae"], x[None], k)[0])(k_lat, hq)
-        feats = dr.lq_features(nets, frozen["vae"], lq)
         prompts = dr.visual_prompts(nets, frozen["prompt"], dr.clip_tokens(nets, frozen["clip"], lq))
+        if p_predicted == 0.0:
+            z0 = jax.vmap(lambda k, x: dr.encode_latents(nets, frozen["vae"], x[None], k)[0])(k_lat, hq)
+        else:
+            z_hq, _, t, z_t = stage1.noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise,
+                                                   max_t=max_t)
+            out = dr.denoise(nets, frozen["control"], frozen["unet"], z_t, t, prompts, lq,
+                             control_scale=ctl.control_scale, context_mode=ctl.context)
+            z_pred, _ = schedules.predict_x0_and_eps(schedule, out.astype(jnp.float32), z_t, t)
+            use = jax.vmap(lambda k: jax.random.bernoulli(k, p_predicted))(k_mix)
+            z0 = jnp.where(use[:, None, None, None], z_pred, z_hq)
+        feats = dr.lq_features(nets, frozen["vae"], lq)
         z0, feats, prompts = jax.lax.stop_gradient((z0, feats, prompts))
         gan_on = state.step >= int(tcfg.gan_start_step)
 
