@@ -32,6 +32,36 @@ def test_auto_is_xla_on_cpu():
                                   dot_product_attention(q, k, v, implementation="xla"))
 
 
+@pytest.mark.parametrize("b,lq,lk,h,d,block", [(2, 64, 64, 3, 8, 16),    # several chunks and blocks
+                                               (1, 50, 77, 2, 16, 32),   # padded queries and keys
+                                               (1, 24, 9, 1, 8, 1024)])  # one block each
+def test_blocked_matches_xla(b, lq, lk, h, d, block):
+    from diffrestorer_jax.models.attention import blocked_attention
+    q, k, v = _qkv(b, lq, lk, h, d, seed=3)
+    ours = jax.jit(lambda *a: blocked_attention(*a, scale=0.3, block=block))(q, k, v)
+    ref = dot_product_attention(q, k, v, scale=0.3, implementation="xla")
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=1e-5)
+    grad = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa: E731
+    for a, r in zip(grad(lambda *a: blocked_attention(*a, scale=0.3, block=block)),
+                    grad(lambda *a: dot_product_attention(*a, scale=0.3, implementation="xla"))):
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_choice_follows_backend_and_length():
+    from diffrestorer_jax.models import attention
+    short, long = _qkv(1, 64, 64, 1, 8)[0], jnp.zeros((1, attention.PALLAS_MIN_LENGTH, 1, 8))
+    assert attention._choose("auto", long, long) == "blocked"  # CPU, long sequences
+    assert attention._choose("auto", short, short) == "xla"
+    with attention.target_backend("tpu"):  # ahead-of-time compilation for TPU from this CPU host
+        assert attention._choose("auto", long, long) == "pallas_tpu"
+        assert attention._choose("auto", short, short) == "xla"
+        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+        with jax.set_mesh(mesh):  # GSPMD would replicate the Pallas call: keep XLA's attention
+            assert attention._choose("auto", long, long) == "xla"
+    assert attention._choose("xla", long, long) == "xla"
+
+
 def test_upcast_keeps_dtype_and_is_float32_accurate():
     q, k, v = _qkv(1, 40, 40, 2, 16, dtype=jnp.bfloat16)
     out = dot_product_attention(q, k, v, upcast=True, implementation="xla")

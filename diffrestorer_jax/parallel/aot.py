@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrestorer_jax.models import attention
+
 GiB = 1024 ** 3
 
 
@@ -144,7 +146,7 @@ def _train_lowered(config, devices, paired: bool = False):
     jitted = jax.jit(run.step_fn, in_shardings=(run.plan.state_shardings, run.plan.frozen_shardings,
                                                  batch_sh),
                      out_shardings=(run.plan.state_shardings, run.replicated), donate_argnums=(0,))
-    with sharding.mesh_context(run.mesh, run.rules):
+    with sharding.mesh_context(run.mesh, run.rules), attention.target_backend("tpu"):
         lowered = jitted.lower(run.plan.state_target, run.plan.frozen_target, abstract)
     return lowered, run
 
@@ -170,7 +172,7 @@ def _restore_lowered(config, devices, batch: int, steps: int):
     sched = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=rep),
                          make_schedule(config))
     settings = RestoreSettings(sampler=config.sampler.name, steps=int(steps))
-    with sharding.mesh_context(mesh, rules):
+    with sharding.mesh_context(mesh, rules), attention.target_backend("tpu"):
         lowered = restore.lower(nets, params, lq, key, sched, settings)
     return lowered, mesh
 
