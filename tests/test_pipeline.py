@@ -118,3 +118,29 @@ def test_bad_settings_are_explained():
         pl.host_shard([1], 0, 2)
     with pytest.raises(ValueError, match="LQ images"):
         pl.InMemorySource(_flat_images(2), lq=_flat_images(1))
+
+
+def test_mixture_interleaves_by_weight_deterministically_and_resumes():
+    a = pl.InMemorySource(_flat_images(6))                        # ids 0..5, HQ-only
+    b = pl.InMemorySource([im + 100 for im in _flat_images(4)],   # ids 10..13, paired
+                          lq=_flat_images(4), type_ids=[3] * 4)
+    mix = pl.Mixture([a, b], [3, 1])
+    cfg = _config(global_batch_size=8)
+    batches = _take(pl.make_pipeline(mix, cfg, process_index=0, process_count=1), 6)
+    for batch in batches:  # 3:1 within every batch: a deterministic interleave, not a coin flip
+        assert (batch["type_id"] == 3).sum() == 2 and (batch["type_id"] == RANDOM).sum() == 6
+        ids = np.array(_ids(batch))
+        assert set(ids[batch["type_id"] == 3]) <= set(range(10, 14))
+        assert set(ids[batch["type_id"] == RANDOM]) <= set(range(6))
+    again = pl.make_pipeline(mix, cfg, process_index=0, process_count=1)
+    _take(again, 2)
+    state = again.get_state()
+    resumed = pl.make_pipeline(mix, cfg, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for x, y in zip(batches[2:], _take(resumed, 4)):
+        np.testing.assert_array_equal(x["hq"], y["hq"])
+        np.testing.assert_array_equal(x["lq"], y["lq"])
+    with pytest.raises(ValueError, match="one weight per source"):
+        pl.Mixture([a, b], [1])
+    with pytest.raises(ValueError, match="positive"):
+        pl.Mixture([a, b], [1, -1])

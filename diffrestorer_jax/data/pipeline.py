@@ -1,8 +1,9 @@
 """Host input pipeline: grain over a random-access source -> global, sharded batches for the step.
 
-  source (TFDS data source, or `InMemorySource` of numpy images)
-    -> this host's shard (records process_index, process_index + count, ...; equal sizes)
-    -> shuffle (per epoch, seeded) -> repeat -> example dict -> random crop + flip (seeded per record)
+  source (TFDS data source, or `InMemorySource` of numpy images), or a `Mixture` of several
+    -> this host's shard of each (records process_index, process_index + count, ...; equal sizes)
+    -> shuffle (per epoch, seeded) -> repeat -> [mixture: grain's deterministic weighted interleave]
+    -> example dict -> random crop + flip (seeded per record)
     -> local batch -> float32 in [0, 1] -> grain read threads + prefetch
     -> `InputPipeline`: global `jax.Array`s via `jax.make_array_from_process_local_data`, a small
        device prefetch queue, and `get_state` / `set_state` for checkpoints.
@@ -12,14 +13,14 @@ their LQ and type; HQ-only records have lq = hq and type_id = -1 (degradations.R
 "degrade on device" in the train step; so both kinds (and mixtures of them) have one structure.
 
 Determinism: the order, crops and flips depend only on (seed, process_index, process_count, record
-index), never on thread timing, so a run and its resume see identical batches. Each host keeps
-len(source) // process_count records (the remainder is dropped) so all hosts run the same number
-of steps per epoch and never wait on each other in a collective.
+index, mixture weights), never on thread timing, so a run and its resume see identical batches.
+Each host keeps len(source) // process_count records (the remainder is dropped) so all hosts run
+the same number of steps per epoch and never wait on each other in a collective.
 """
 import collections
 import copy
 import functools
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import grain
 import jax
@@ -71,6 +72,26 @@ class InMemorySource:
             return {"image": self._hq[index]}
         t = RANDOM if self._types is None else self._types[index]
         return {"hq": self._hq[index], "lq": self._lq[index], "type_id": t}
+
+
+class Mixture:
+    """Several sources sampled by weight: `make_pipeline(Mixture([hq, paired], [1, 1]), ...)`.
+
+    grain's `MapDataset.mix` interleaves the (each shuffled and repeated) sources deterministically
+    in proportion to the weights (1:1 alternates; 3:1 gives three of the first per one of the
+    second), so each batch's composition is fixed by its position and the mixture is as
+    reproducible and checkpointable as a single source. With a finite `num_epochs` it stops when
+    the first source runs out.
+    """
+
+    def __init__(self, sources: Sequence[Any], weights: Optional[Sequence[float]] = None):
+        weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
+        if not sources or len(weights) != len(sources):
+            raise ValueError(f"a mixture needs one weight per source: {len(sources)} source(s), "
+                             f"{len(weights)} weight(s)")
+        if any(not np.isfinite(w) or w <= 0 for w in weights):
+            raise ValueError(f"mixture weights must be positive, got {weights}")
+        self.sources, self.weights = list(sources), weights
 
 
 def _pixels(value, name: str) -> np.ndarray:
@@ -135,17 +156,32 @@ def host_shard(source, process_index: int, process_count: int) -> grain.MapDatas
     return ds[: per_host * process_count][process_index::process_count]
 
 
+def host_records(source: Union[Any, Mixture], config: ml_collections.ConfigDict, *, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+    """This host's records in training order: its shard of the source, shuffled and repeated; for a
+    `Mixture`, each source so (shuffle seed config.seed + its position), then interleaved by weight."""
+    parts = source.sources if isinstance(source, Mixture) else [source]
+    datasets = []
+    for k, part in enumerate(parts):
+        ds = host_shard(part, process_index, process_count)
+        if config.shuffle:
+            ds = ds.shuffle(seed=config.seed + k)
+        datasets.append(ds.repeat(config.num_epochs))
+    if not isinstance(source, Mixture):
+        return datasets[0]
+    return grain.MapDataset.mix(datasets, source.weights)
+
+
 def build_dataset(source, config: ml_collections.ConfigDict, *, process_index: int,
                   process_count: int) -> grain.IterDataset:
-    """The host-side grain dataset of local batches (numpy dicts) for one host."""
+    """The host-side grain dataset of local batches (numpy dicts) for one host; `source` is one
+    random-access source or a `Mixture` of them."""
     if config.global_batch_size % process_count:
         raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by "
                          f"{process_count} hosts")
     local_batch = config.global_batch_size // process_count
-    ds = host_shard(source, process_index, process_count)
-    if config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs).map(to_example)
+    ds = host_records(source, config, process_index=process_index, process_count=process_count)
+    ds = ds.map(to_example)
     crop = functools.partial(crop_and_flip, size=config.crop_size, flip=config.flip)
     ds = ds.random_map(crop, seed=(config.seed * 1_000_003 + process_index) % 2**31)
     ds = ds.batch(local_batch, drop_remainder=True).map(_to_float)
@@ -160,9 +196,13 @@ class InputPipeline:
     the device are not counted as consumed), so saving it with the model after step n and calling
     `set_state` on a fresh pipeline resumes at batch n + 1 exactly. The state is a small dict of
     plain Python values (grain's), fit for Orbax's JSON handler.
+
+    `sharding`: None (host numpy batches), one NamedSharding for the images (other arrays get its
+    leading axis), or a dict key -> NamedSharding used as given (the train step's own objects).
     """
 
-    def __init__(self, dataset: grain.IterDataset, sharding: Optional[jax.sharding.NamedSharding] = None,
+    def __init__(self, dataset: grain.IterDataset,
+                 sharding: Union[None, jax.sharding.NamedSharding, Mapping[str, Any]] = None,
                  device_prefetch: int = 2):
         self._it = iter(dataset)
         self._sharding = sharding
@@ -175,6 +215,8 @@ class InputPipeline:
     def _globalise(self, batch: Batch) -> Batch:
         if self._sharding is None:
             return batch
+        if isinstance(self._sharding, Mapping):
+            return {k: jax.make_array_from_process_local_data(self._sharding[k], v) for k, v in batch.items()}
         spec = self._sharding.spec
         batch_only = jax.sharding.NamedSharding(self._sharding.mesh,
                                                 jax.sharding.PartitionSpec(spec[0] if len(spec) else None))
