@@ -32,6 +32,27 @@ def build_dataset(kind: str, src_dirs: Sequence[str], out_dir: str, split: str =
     return builder.info.splits[split].num_examples, report
 
 
+def build_command(kind: str, out_dir: str, split: str) -> str:
+    src = "ROOT" if kind == "paired" else "DIR [DIR ...]"
+    return f"python launch/build_dataset.py --kind {kind} --src {src} --out {out_dir} --split {split}"
+
+
 def load_source(out_dir: str, kind: str, split: str = "train"):
-    """The built split as a random-access source (len, [i] -> record dict with PNG bytes)."""
-    return tfds.data_source(kind, split=split, data_dir=out_dir)
+    """The built split as a random-access source (len, [i] -> record dict with PNG bytes).
+
+    ValueError for a kind we do not build; FileNotFoundError naming the folder (and the command
+    that builds it) when the dataset or its split is not there.
+    """
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(BUILDERS)} "
+                         "(built with launch/build_dataset.py)")
+    where = os.path.join(out_dir, kind)
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"no built {kind!r} dataset in {out_dir!r} ({where} does not exist); "
+                                f"build it with: {build_command(kind, out_dir, split)}")
+    try:
+        return tfds.data_source(kind, split=split, data_dir=out_dir)
+    except Exception as e:  # noqa: BLE001  tfds raises assorted types for a missing version/split
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # not tfds' list of all datasets
+        raise FileNotFoundError(f"cannot open the {kind!r} dataset's {split!r} split in {where} ({reason}); "
+                                f"build it with: {build_command(kind, out_dir, split)}") from None
