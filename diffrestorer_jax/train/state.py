@@ -133,6 +133,7 @@ class StatePlan:
         self.state_shardings, self.frozen_shardings = self.shardings
         self.state_target, self.frozen_target = sharding.abstract_with_shardings(abstract,
                                                                                  self.shardings)
+        self._materialisers: Dict[Any, Any] = {}
 
     def _init(self, key, given):
         return init_state(self.nets, self.tx, key, self.image_size, self.stage, given,
@@ -146,15 +147,23 @@ class StatePlan:
                     compiler_options: Optional[dict] = None):
         """(state, frozen) born sharded; with `frozen_only` (resume), (None, frozen)."""
         given = sharding.shard_tree(given, self.given_shardings(given)) if given else {}
-        out_sh = self.frozen_shardings if frozen_only else self.shardings
-
-        def fn(key, g):
-            state, frozen = sharding.unbox(self._init(key, g))
-            return frozen if frozen_only else (state, frozen)
-
         with sharding.mesh_context(self.mesh, self.rules):
-            out = jax.jit(fn, out_shardings=out_sh, compiler_options=compiler_options)(self.key, given)
+            out = self._materialiser(frozen_only, compiler_options)(self.key, given)
         return (None, out) if frozen_only else out
+
+    def _materialiser(self, frozen_only: bool, compiler_options: Optional[dict]):
+        """The jitted init, one per (frozen_only, options) and plan: a second init of the same run
+        (a restart in process) reuses the compiled program."""
+        key = (frozen_only, tuple(sorted((compiler_options or {}).items())))
+        if key not in self._materialisers:
+            out_sh = self.frozen_shardings if frozen_only else self.shardings
+
+            def fn(k, g):
+                state, frozen = sharding.unbox(self._init(k, g))
+                return frozen if frozen_only else (state, frozen)
+
+            self._materialisers[key] = jax.jit(fn, out_shardings=out_sh, compiler_options=compiler_options)
+        return self._materialisers[key]
 
 
 def optimizer_config(train_cfg) -> Dict[str, Any]:
