@@ -31,7 +31,8 @@ def main(argv):
     try:
         status = loop.train(_CONFIG.value, _WORKDIR.value,
                             compiler_options=loop.FAST_COMPILE if _FAST.value else None)
-    except FloatingPointError as e:  # the non-finite streak: a message, not a traceback
+    except (FloatingPointError, loop.DataConfigError, FileNotFoundError) as e:
+        # the non-finite streak, or training data that is not there: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"training {status}", flush=True)
