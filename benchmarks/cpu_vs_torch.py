@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+# Our attention implementation: 'auto' (what users get: on CPU the blocked flash-style path for
+# sequences >= 2048, XLA's below) or 'xla' (the reference everywhere); --attention sets it.
+ATTENTION = "auto"
 PARTS = ("unet", "control_unet", "vae_decode", "clip", "train")
 
 
@@ -62,7 +65,7 @@ def get_config(size: str):
     c = g("stage1")
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = ATTENTION
     return c
 
 
@@ -107,7 +110,7 @@ class Bench:
         if not hasattr(self, "_unet"):
             ref = diffusers.UNet2DConditionModel(**self.unet_cfg).eval()
             from diffrestorer_jax.convert import load_unet
-            mod, params = load_unet(self._save(ref, "unet"), attention_impl="xla")
+            mod, params = load_unet(self._save(ref, "unet"), attention_impl=ATTENTION)
             self._unet = (ref, mod, params)
         return self._unet
 
@@ -119,7 +122,7 @@ class Bench:
                 ref_unet, conditioning_embedding_out_channels=tuple(
                     self.config.model.control["conditioning_channels"])).eval()
             from diffrestorer_jax.convert import load_control
-            mod, params = load_control(self._save(ref, "control"), attention_impl="xla")
+            mod, params = load_control(self._save(ref, "control"), attention_impl=ATTENTION)
             self._control = (ref, mod, params)
         return self._control
 
@@ -144,7 +147,7 @@ class Bench:
                 attn_implementation="sdpa")
             ref = transformers.CLIPVisionModel(cfg).eval()
             from diffrestorer_jax.convert import load_clip_vision
-            mod, params = load_clip_vision(self._save(ref, "clip"), attention_impl="xla")
+            mod, params = load_clip_vision(self._save(ref, "clip"), attention_impl=ATTENTION)
             self._clip = (ref, mod, params)
         return self._clip
 
@@ -337,10 +340,13 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--train_sd15", action="store_true")
+    ap.add_argument("--attention", default="auto", help="our attention implementation: auto | xla")
     args = ap.parse_args()
+    global ATTENTION
+    ATTENTION = args.attention
     import jax
     import torch
-    print(f"machine: {machine()}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
+    print(f"machine: {machine()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}); torch {torch.__version__}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
