@@ -139,7 +139,10 @@ def mixed(tfds_dir, tmp_path_factory):
     return dict(run=run, config=c, init=host(state), frozen=frozen)
 
 
-@pytest.mark.parametrize("kinds", ["hq_folder", "paired"])
+# Paired only: an hq_folder batch is {'hq', 'index'}, the very program the in-memory source compiles
+# (trained through the CLI by test_train_faults.py); its batches are checked above, and HQ records
+# are degraded on device in the mixture's run below.
+@pytest.mark.parametrize("kinds", ["paired"])
 def test_single_kind_trains_with_one_compile(tfds_dir, mixed, kinds, tmp_path):
     # One device: a fifth less compile time; the mixture's run covers batches split over devices.
     c = config(tfds_dir, kinds, devices=1)

@@ -66,7 +66,7 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str =
     """`spec` with every non-dividing mesh axis dropped from its dimension; logs each change once."""
     fitted = tuple(_fit_dim(mesh, axes, dim) for axes, dim in zip(tuple(spec), shape))
     if fitted != tuple(spec)[:len(fitted)]:
-        key = (tuple(spec), tuple(shape))
+        key = (tuple(spec), tuple(shape), tuple(mesh.shape.items()))
         if key not in _LOGGED_FALLBACKS:
             _LOGGED_FALLBACKS.add(key)
             logging.warning("sharding %s%s: %s does not divide shape %s on mesh %s; using %s",
