@@ -10,9 +10,9 @@ Layout is [batch, length, heads, head_dim] (what `jax.nn.dot_product_attention` 
                 exact but very slow, meant for tests;
   'blocked'     flash attention written in jnp for XLA's CPU backend: queries in chunks (lax.map),
                 keys in blocks with an online softmax (lax.scan), so the L x L scores never leave
-                the cache. At SD's 64x64 latent (L = 4096) it is ~2-3x faster on CPU than 'xla',
+                the cache. At SD's 64x64 latent (L = 4096) it is 2.2x faster on CPU than 'xla',
                 which materialises 8 x 4096 x 4096 float32 scores and streams them through memory
-                three times (benchmarks/cpu_vs_torch.py);
+                (benchmarks/attention_cpu.py, RESULTS.md);
   'auto'        cuDNN on GPU where it applies, the TPU kernel on TPU and 'blocked' on CPU for long
                 sequences (where the L x L score matrix costs memory and bandwidth), XLA otherwise.
 The backend 'auto' chooses for is the default backend, or the one set by `target_backend(...)`

@@ -1,0 +1,59 @@
+"""One self-attention at SD 1.5's largest level on this CPU: ours ('xla', 'blocked') vs torch SDPA.
+
+    python benchmarks/attention_cpu.py [--length 4096] [--heads 8] [--head_dim 40] [--reps 5]
+
+float32, batch 1; the three run interleaved (ours, ours, torch, ...) after one warm-up each; medians.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head_dim", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    import jax
+    import torch
+    from diffrestorer_jax.models.attention import dot_product_attention
+
+    shape = (1, args.length, args.heads, args.head_dim)
+    q, k, v = (np.random.default_rng(i).standard_normal(shape, np.float32) for i in range(3))
+    qj, kj, vj = (jax.device_put(t) for t in (q, k, v))
+    qt, kt, vt = (torch.from_numpy(t).permute(0, 2, 1, 3).contiguous() for t in (q, k, v))
+    ours = {impl: jax.jit(lambda a, b, c, impl=impl: dot_product_attention(a, b, c, implementation=impl))
+            for impl in ("xla", "blocked")}
+    np.testing.assert_allclose(ours["blocked"](qj, kj, vj), ours["xla"](qj, kj, vj), atol=1e-5)
+
+    def torch_sdpa():
+        with torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+
+    fns = {f"ours {impl}": (lambda f=f: f(qj, kj, vj).block_until_ready()) for impl, f in ours.items()}
+    fns["torch sdpa"] = torch_sdpa
+    for f in fns.values():
+        f()
+    times = {name: [] for name in fns}
+    for _ in range(args.reps):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    print(f"L={args.length} heads={args.heads} d={args.head_dim}, float32, median of {args.reps}; "
+          f"torch threads {torch.get_num_threads()}, jax {jax.__version__}")
+    for name, ms in med.items():
+        print(f"| {name} | {ms:.1f} ms | {ms / med['torch sdpa']:.2f}x torch |")
+
+
+if __name__ == "__main__":
+    main()
