@@ -51,7 +51,7 @@ def lq_and_labels(config, degrade_fn, batch, key):
 
 def noisy_latents(nets, schedule, vae_params, hq, keys_lat, keys_t, keys_noise, max_t=None):
     """(z_0, noise, t, z_t) with per-example randomness; t uniform in [0, max_t or T)."""
-    z0 = jax.vmap(lambda k, x: dr.encode_latents(nets, vae_params, x[None], k)[0])(keys_lat, hq)
+    z0 = dr.encode_latents(nets, vae_params, hq, example_keys=keys_lat)
     z0 = jax.lax.stop_gradient(z0.astype(jnp.float32))
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, max_t or schedule.num_train_timesteps))(keys_t)
     noise = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:], jnp.float32))(keys_noise)

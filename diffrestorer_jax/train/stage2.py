@@ -79,7 +79,7 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
         lq, _ = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
         prompts = dr.visual_prompts(nets, frozen["prompt"], dr.clip_tokens(nets, frozen["clip"], lq))
         if p_predicted == 0.0:
-            z0 = jax.vmap(lambda k, x: dr.encode_latents(nets, frozen["vae"], x[None], k)[0])(k_lat, hq)
+            z0 = dr.encode_latents(nets, frozen["vae"], hq, example_keys=k_lat)
         else:
             z_hq, _, t, z_t = stage1.noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise,
                                                    max_t=max_t)
