@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from diffrestorer_jax.models import attention
 
@@ -152,28 +153,36 @@ def _train_lowered(config, devices, paired: bool = False):
 
 
 def _restore_lowered(config, devices, batch: int, steps: int):
-    from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
+    """(lowered, mesh) of the restore CLI's own program (`infer.runner._program`): a shard_map over
+    a data-only mesh, every chip holding the whole (replicated) model and restoring its own rows.
+    Sharding the model for inference would add a gather per layer per denoising step; SD 1.5 fits
+    one chip, so the CLI does not, and neither does this."""
+    from diffrestorer_jax.infer.pipeline import Knobs, RestoreSettings
+    from diffrestorer_jax.infer.runner import _program
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.parallel import mesh as mesh_lib
-    from diffrestorer_jax.parallel import rules as rules_lib
     from diffrestorer_jax.parallel import sharding
     from diffrestorer_jax.train.loop import make_schedule
 
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    rules = rules_lib.get_rules(config)
+    if batch % len(devices):
+        raise ValueError(f"restore batch {batch} must be a multiple of the {len(devices)} chips")
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
     nets = dr.build_networks(config.model)
     size = int(config.image_size)
-    params, _ = sharding.plan_sharded(lambda k: dr.init_params(nets, k, size), mesh, rules,
-                                      jax.random.PRNGKey(0))
-    rep = sharding.replicated(mesh)
-    lq = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
-                              sharding=sharding.batch_sharding(mesh, 4, rules))
+    rep, rows = sharding.replicated(mesh), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sh), tree)
+    params = abstract(meta.unbox(jax.eval_shape(lambda k: dr.init_params(nets, k, size),
+                                                jax.random.PRNGKey(0))), rep)
+    lq = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=rows)
+    ids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-    sched = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=rep),
-                         make_schedule(config))
+    sched = abstract(make_schedule(config), rep)
+    knobs = abstract(Knobs(*np.float32([1.0, 1.0, 1.0, 0.0])), rep)
     settings = RestoreSettings(sampler=config.sampler.name, steps=int(steps))
-    with sharding.mesh_context(mesh, rules), attention.target_backend("tpu"):
-        lowered = restore.lower(nets, params, lq, key, sched, settings)
+    program = _program(nets, settings, "none", mesh)
+    with attention.target_backend("tpu"):
+        lowered = program.lower(params, lq, key, sched, knobs, ids)
     return lowered, mesh
 
 
@@ -226,8 +235,8 @@ def compile_restore(config, devices, batch: int, steps: int,
               "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
               "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
               "chips": len(devices), "images_per_step": batch, "steps": steps}
-    if count_model_flops:
-        report["model_flops"] = _cost(lowered).get("flops", float("nan"))
+    if count_model_flops:  # the shard_map body is the per-chip program: its cost x chips is global
+        report["model_flops"] = _cost(lowered).get("flops", float("nan")) * len(devices)
     return report
 
 
