@@ -32,27 +32,32 @@ def test_auto_is_xla_on_cpu():
                                   dot_product_attention(q, k, v, implementation="xla"))
 
 
-@pytest.mark.parametrize("b,lq,lk,h,d,block", [(2, 64, 64, 3, 8, 16),    # several chunks and blocks
-                                               (1, 50, 77, 2, 16, 32),   # padded queries and keys
-                                               (1, 24, 9, 1, 8, 1024)])  # one block each
-def test_blocked_matches_xla(b, lq, lk, h, d, block):
+@pytest.mark.parametrize("b,lq,lk,h,d,bq,bk", [(2, 64, 64, 3, 8, 16, 16),     # several tiles and key blocks
+                                                 (1, 50, 77, 2, 16, 32, 32),    # padded queries and keys
+                                                 (1, 40, 70, 2, 8, 16, 1024),   # one padded key block
+                                                 (1, 24, 9, 1, 8, 1024, 1024)])  # one tile, one block
+def test_blocked_matches_xla(b, lq, lk, h, d, bq, bk):
     from diffrestorer_jax.models.attention import blocked_attention
     q, k, v = _qkv(b, lq, lk, h, d, seed=3)
-    ours = jax.jit(lambda *a: blocked_attention(*a, scale=0.3, block=block))(q, k, v)
+    blocked = lambda *a: blocked_attention(*a, scale=0.3, block_q=bq, block_k=bk)  # noqa: E731
+    ours = jax.jit(blocked)(q, k, v)
     ref = dot_product_attention(q, k, v, scale=0.3, implementation="xla")
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=1e-5)
     grad = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)  # noqa: E731
-    for a, r in zip(grad(lambda *a: blocked_attention(*a, scale=0.3, block=block)),
-                    grad(lambda *a: dot_product_attention(*a, scale=0.3, implementation="xla"))):
+    for a, r in zip(grad(blocked), grad(lambda *a: dot_product_attention(*a, scale=0.3, implementation="xla"))):
         np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-4)
 
 
 def test_auto_choice_follows_backend_and_length():
     from diffrestorer_jax.models import attention
     short, long = _qkv(1, 64, 64, 1, 8)[0], jnp.zeros((1, attention.PALLAS_MIN_LENGTH, 1, 8))
-    assert attention._choose("auto", long, long) == "blocked"  # CPU, long sequences
+    assert attention._choose("auto", long, long) == "blocked"  # CPU, scores outgrow the cache
     assert attention._choose("auto", short, short) == "xla"
+    cross_q, cross_k = jnp.zeros((1, 4096, 1, 8)), jnp.zeros((1, 77, 1, 8))  # 64x64 latent x 77 tokens
+    assert attention._choose("auto", cross_q, cross_k) == "blocked"
+    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        assert attention._choose("auto", long, long) == "xla"  # lax.map would gather the batch
     with attention.target_backend("tpu"):  # ahead-of-time compilation for TPU from this CPU host
         assert attention._choose("auto", long, long) == "pallas_tpu"
         assert attention._choose("auto", short, short) == "xla"

@@ -8,13 +8,13 @@ Layout is [batch, length, heads, head_dim] (what `jax.nn.dot_product_attention` 
   'pallas_tpu'  the Pallas TPU splash-attention kernel (flash attention with block sparsity; here
                 every block is dense). On a backend other than TPU it runs in Pallas interpret mode:
                 exact but very slow, meant for tests;
-  'blocked'     flash attention written in jnp for XLA's CPU backend: queries in chunks (lax.map),
-                keys in blocks with an online softmax (lax.scan), so the L x L scores never leave
-                the cache. At SD's 64x64 latent (L = 4096) it is 2.2x faster on CPU than 'xla',
-                which materialises 8 x 4096 x 4096 float32 scores and streams them through memory
-                (benchmarks/attention_cpu.py, RESULTS.md);
-  'auto'        cuDNN on GPU where it applies, the TPU kernel on TPU and 'blocked' on CPU for long
-                sequences (where the L x L score matrix costs memory and bandwidth), XLA otherwise.
+  'blocked'     flash attention written in jnp for XLA's CPU backend: one (example, head, query
+                chunk) tile at a time (lax.map), keys in blocks with an online softmax (lax.scan),
+                so the L x L scores never leave the cache. At SD's 64x64 latent (L = 4096) 'xla'
+                materialises 8 x 4096 x 4096 float32 scores and streams them through memory; see
+                benchmarks/attention_cpu.py and RESULTS.md for the measured difference;
+  'auto'        cuDNN on GPU where it applies, the TPU kernel on TPU for long sequences, 'blocked' on
+                CPU where the score matrix outgrows the cache, XLA otherwise.
 The backend 'auto' chooses for is the default backend, or the one set by `target_backend(...)`
 (ahead-of-time compilation for TPU from a CPU host must not pick the CPU path). Under a GSPMD mesh
 'auto' never picks the TPU kernel (see `_partitioned_by_gspmd`).
@@ -34,9 +34,14 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_tpu", "blocked")
 # 'auto' uses the TPU kernel only when both lengths reach this: below it XLA's fused attention is
 # as fast and the score matrix (heads x L x L) is small (SD's 32x32 latents give L = 1024).
 PALLAS_MIN_LENGTH = 2048
+# On CPU 'auto' uses 'blocked' once one head's scores (Lq x Lk float32) outgrow a core's L2 cache
+# (512 KiB): SD's 32x32 and 64x64 latent levels and their cross-attention at 64x64. Not under a
+# GSPMD mesh: its lax.map over (example, head) tiles would gather a sharded batch.
+BLOCKED_MIN_SCORES = 2 ** 17
 _LANES = 128  # the TPU kernel's sequence blocks are multiples of the 128-lane vreg width
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
-_BLOCK = 1024  # 'blocked': query chunk and key block (1024 x 1024 float32 scores = 4 MiB per head)
+# 'blocked': queries per tile and keys per block (512 x 1024 float32 scores = 2 MiB, one head)
+_BLOCK_Q, _BLOCK_K = 512, 1024
 _target: Optional[str] = None
 
 
@@ -90,7 +95,7 @@ def _choose(implementation: str, q, k) -> str:
     long = min(q.shape[1], k.shape[1]) >= PALLAS_MIN_LENGTH
     if backend == "tpu" and long and not _partitioned_by_gspmd():
         return "pallas_tpu"
-    if backend == "cpu" and long:
+    if backend == "cpu" and q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES and not _partitioned_by_gspmd():
         return "blocked"
     return "xla"
 
@@ -149,45 +154,54 @@ def splash_attention(q, k, v, *, scale: float, interpret: bool = False) -> jax.A
     return to_hld(out)[:, :lq]
 
 
-def blocked_attention(q, k, v, *, scale: float, block: int = _BLOCK) -> jax.Array:
+def blocked_attention(q, k, v, *, scale: float, block_q: int = _BLOCK_Q,
+                      block_k: int = _BLOCK_K) -> jax.Array:
     """Exact attention over [B, L, H, D] without materialising the scores (flash attention in jnp).
 
-    Queries go in chunks of `block` through `lax.map`; for each chunk a `lax.scan` over key blocks
-    keeps the running max m, normaliser l and unnormalised output acc (float32), rescaling them
-    by exp(m_old - m_new) as each block arrives. Padded keys get a large negative logit.
+    One tile = one (example, head) and `block_q` queries: `lax.map` runs the tiles one after the
+    other, each a plain 2-D [block_q, D] x [D, block_k] matmul (XLA's CPU dot is much faster on
+    these than on the head-batched 3-D einsum, and a tile's scores stay in cache). Keys come in
+    blocks through a `lax.scan` keeping the running max m, normaliser l and unnormalised output
+    acc (float32), rescaled by exp(m_old - m_new) as each block arrives; with one key block that is
+    a plain softmax. Padded keys get a large negative logit.
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    bq, bk = min(block, lq), min(block, lk)
+    bq, bk = min(block_q, lq), min(block_k, lk)
     lq_pad, lk_pad = _round_up(lq, bq), _round_up(lk, bk)
+    nq, nk = lq_pad // bq, lk_pad // bk
     heads_first = lambda t, n: jnp.pad(jnp.swapaxes(t, 1, 2).reshape(b * h, t.shape[1], d),  # noqa: E731
                                        ((0, 0), (0, n - t.shape[1]), (0, 0)))
-    qh = heads_first(q.astype(jnp.float32) * scale, lq_pad).astype(q.dtype)
-    kh, vh = heads_first(k, lk_pad), heads_first(v, lk_pad)
-    key_blocks = (kh.reshape(b * h, lk_pad // bk, bk, d).swapaxes(0, 1),
-                  vh.reshape(b * h, lk_pad // bk, bk, d).swapaxes(0, 1),
-                  jnp.arange(lk_pad).reshape(-1, bk) < lk)
+    q_tiles = heads_first(q.astype(jnp.float32) * scale, lq_pad).astype(q.dtype).reshape(b * h * nq, bq, d)
+    kh = heads_first(k, lk_pad).reshape(b * h, nk, bk, d)
+    vh = heads_first(v, lk_pad).reshape(b * h, nk, bk, d)
+    valid = jnp.arange(lk_pad).reshape(nk, bk) < lk
+    head_of_tile = jnp.repeat(jnp.arange(b * h), nq)
 
-    def one_chunk(qc):  # [B*H, bq, D]
-        def step(carry, blk):
-            m, l, acc = carry
-            kb, vb, valid = blk
-            s = jnp.einsum("nqd,nkd->nqk", qc, kb, preferred_element_type=jnp.float32)
-            s = jnp.where(valid, s, -1e30)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            c = jnp.exp(m - m_new)
-            pv = jnp.einsum("nqk,nkd->nqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return (m_new, l * c + p.sum(-1), acc * c[..., None] + pv), None
+    def key_block(qc, carry, blk):
+        m, l, acc = carry
+        kb, vb, ok = blk
+        s = jnp.dot(qc, kb.T, preferred_element_type=jnp.float32)
+        if lk_pad != lk:  # static: only padded keys need the mask
+            s = jnp.where(ok, s, -1e30)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[:, None])
+        c = jnp.exp(m - m_new)
+        pv = jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return (m_new, l * c + p.sum(-1), acc * c[:, None] + pv), None
 
-        n = qc.shape[0]
-        init = (jnp.full((n, bq), -jnp.inf, jnp.float32), jnp.zeros((n, bq), jnp.float32),
-                jnp.zeros((n, bq, d), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(step, init, key_blocks)
-        return acc / l[..., None]
+    def tile(args):  # [bq, D] queries of one (example, head)
+        qc, i = args
+        init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+                jnp.zeros((bq, d), jnp.float32))
+        if nk == 1:
+            (_, l, acc), _ = key_block(qc, init, (kh[i, 0], vh[i, 0], valid[0]))
+        else:
+            (_, l, acc), _ = jax.lax.scan(functools.partial(key_block, qc), init, (kh[i], vh[i], valid))
+        return acc / l[:, None]
 
-    out = jax.lax.map(one_chunk, qh.reshape(b * h, lq_pad // bq, bq, d).swapaxes(0, 1))
-    out = out.swapaxes(0, 1).reshape(b, h, lq_pad, d)[:, :, :lq]
+    out = jax.lax.map(tile, (q_tiles, head_of_tile))
+    out = out.reshape(b, h, lq_pad, d)[:, :, :lq]
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
