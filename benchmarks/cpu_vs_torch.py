@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-# Our attention implementation: 'auto' (what users get: on CPU the blocked flash-style path for
-# sequences >= 2048, XLA's below) or 'xla' (the reference everywhere); --attention sets it.
+# Our attention implementation: 'auto' (what users get: on CPU the blocked flash-style path where one
+# head's scores outgrow the cache, XLA's below) or 'xla' (the reference everywhere); --attention sets it.
 ATTENTION = "auto"
 PARTS = ("unet", "control_unet", "vae_decode", "clip", "train")
 
