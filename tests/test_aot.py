@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("libtpu")
 
 from diffrestorer_jax.parallel import aot  # noqa: E402
+from mini_config import mini_tiny  # noqa: E402
 
 
 def test_topology_names():
@@ -21,16 +22,8 @@ def test_topology_names():
 
 
 def _mini_tiny():
-    """configs/tiny.py's stage 1, one level shallower everywhere: XLA's TPU compiler takes minutes
-    for the full tiny step on a 2-core host, this is the same program structure at half the size."""
-    from configs.tiny import get_config
-    c = get_config("stage1")
-    c.model.unet = dict(c.model.unet, down_block_types=("CrossAttnDownBlock2D",),
-                        up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(32,))
-    c.model.vae = dict(c.model.vae, down_block_types=("DownEncoderBlock2D",) * 2,
-                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32))
-    c.model.control = dict(c.model.control, conditioning_channels=(8, 16))
-    c.model.clip = dict(c.model.clip, num_hidden_layers=1)
+    """configs/tiny.py's stage 1, one level shallower (tests/mini_config.py), 32 px, FSDP mesh."""
+    c = mini_tiny("stage1")
     c.image_size = 32
     c.mesh.data, c.mesh.fsdp = 1, -1
     c.train.batch_size = 4

@@ -14,6 +14,7 @@ import jax
 import pytest
 
 from diffrestorer_jax.parallel import aot
+from mini_config import mini_tiny
 
 BATCH = 72  # 9 per device; no channel count of the two configs is 72 (a weight-gradient
 # layout [C, H, W, batch per device] would otherwise look like a whole batch)
@@ -21,14 +22,7 @@ IMAGE = 48  # VAE levels 48 and 24, latents 24, UNet 24 and 12: none equals the 
 
 
 def _config(stage):
-    from configs.tiny import get_config
-    c = get_config(stage)
-    c.model.unet = dict(c.model.unet, down_block_types=("CrossAttnDownBlock2D",),
-                        up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(32,))
-    c.model.vae = dict(c.model.vae, down_block_types=("DownEncoderBlock2D",) * 2,
-                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32))
-    c.model.control = dict(c.model.control, conditioning_channels=(8, 16))
-    c.model.clip = dict(c.model.clip, num_hidden_layers=1)
+    c = mini_tiny(stage)
     c.image_size = IMAGE
     c.mesh.data, c.mesh.fsdp = 2, -1
     c.train.batch_size = BATCH
