@@ -12,7 +12,9 @@ import re
 
 import jax
 import pytest
+from flax.core import meta
 
+from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import aot
 from mini_config import mini_tiny
 
@@ -56,7 +58,8 @@ def test_restore_program_splits_rows_and_counts_global_flops():
     c = _config("stage1")
     r = aot.compile_restore(c, jax.devices(), batch=16, steps=1)
     assert r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
-    shapes = aot.meta.unbox(jax.eval_shape(lambda k: aot_init(c, k), jax.random.PRNGKey(0)))
+    nets = dr.build_networks(c.model)
+    shapes = meta.unbox(jax.eval_shape(lambda k: dr.init_params(nets, k, IMAGE), jax.random.PRNGKey(0)))
     unet_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes["unet"]))
     # replicated: every chip holds the whole UNet (and the other networks restore uses)
     assert r["memory"]["argument"] > unet_bytes
@@ -64,7 +67,3 @@ def test_restore_program_splits_rows_and_counts_global_flops():
     with pytest.raises(ValueError, match="multiple of the 8 chips"):
         aot.compile_restore(c, jax.devices(), batch=12, steps=1)
 
-
-def aot_init(config, key):
-    from diffrestorer_jax.models import diffrestorer as dr
-    return dr.init_params(dr.build_networks(config.model), key, int(config.image_size))

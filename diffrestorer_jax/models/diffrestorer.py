@@ -104,11 +104,10 @@ def denoise(nets: Networks, control_params, unet_params, z_t, t, prompts, lq, *,
                            down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 
-def encode_latents(nets: Networks, vae_params, images, key: Optional[jax.Array] = None,
-                   example_keys: Optional[jax.Array] = None):
-    """Images in [0,1] -> diffusion latents (scaled by the VAE's scaling factor). With `key` (one
-    key for the batch) or `example_keys` (one per image: its noise does not depend on the batch), a
-    sample of the posterior (training); with neither, its mean (inference).
+def encode_latents(nets: Networks, vae_params, images, example_keys: Optional[jax.Array] = None):
+    """Images in [0,1] -> diffusion latents (scaled by the VAE's scaling factor). With
+    `example_keys` (one per image, so an image's noise does not depend on its batch), a sample of
+    the posterior (training); without, its mean (inference).
 
     The encoder always runs on the whole batch: vmapping it per image would hide the batch from
     the sharding constraints inside the VAE (a vmapped constraint leaves the mapped axis
@@ -116,9 +115,7 @@ def encode_latents(nets: Networks, vae_params, images, key: Optional[jax.Array] 
     """
     mean, logvar = nets.vae.apply({"params": vae_params}, images * 2.0 - 1.0, method="encode")
     z = mean
-    if key is not None:
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    elif example_keys is not None:
+    if example_keys is not None:
         eps = jax.vmap(lambda k: jax.random.normal(k, mean.shape[1:], mean.dtype))(example_keys)
         z = mean + jnp.exp(0.5 * logvar) * eps
     return z * nets.vae.scaling_factor
