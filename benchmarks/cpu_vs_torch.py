@@ -346,8 +346,11 @@ def main():
     ATTENTION = args.attention
     import jax
     import torch
+
+    import diffrestorer_jax  # noqa: F401  (puts its XLA CPU setting in XLA_FLAGS before JAX starts: xla_cpu.py)
     print(f"machine: {machine()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
-          f"({jax.devices()[0].platform}); torch {torch.__version__}", flush=True)
+          f"({jax.devices()[0].platform}); torch {torch.__version__}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.size.split(","):
