@@ -94,3 +94,38 @@ def test_mismatched_features_are_refused(setup):
     with pytest.raises(ValueError, match=r"lq_features\[0\] has shape"):
         jax.eval_shape(dec.apply, {"params": params}, z, [f[:, :-2] if i == 0 else f for i, f in enumerate(feats)],
                        pooled)
+
+
+@pytest.fixture(scope="module")
+def image_fusion_setup(setup):
+    """The same decoder with the optional image-level fusion (the LQ image itself as F_enc)."""
+    _, _, vae_params, z, feats, pooled, plain = setup
+    dec = DegradationAwareDecoder.from_vae_config(VAE, rdb_growth=4, rdb_convs=3, image_fusion_width=6)
+    lq = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, plain.shape).astype(np.float32))
+    params = jax.jit(dec.init)(jax.random.PRNGKey(1), z, feats, pooled, lq_image=lq)["params"]
+    params = meta.unbox(init_decoder_from_vae(params, vae_params))
+    return dec, params, z, feats, pooled, plain, lq
+
+
+def test_image_fusion_starts_as_the_vae_decode_and_uses_the_lq_image(image_fusion_setup):
+    dec, params, z, feats, pooled, plain, lq = image_fusion_setup
+    assert params["image_fusion"]["conv_in"]["kernel"].shape == (3, 3, 6, 6)
+    apply = jax.jit(dec.apply)
+    for w in (1.0, 0.0):
+        out = apply({"params": params}, z, feats, pooled, fidelity_weight=w, lq_image=lq)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    moved = _perturb(params, lambda p: p[0] == "image_fusion", 6)
+    out = apply({"params": moved}, z, feats, pooled, lq_image=lq)
+    assert float(jnp.abs(out - plain).max()) > 1e-3
+    other = apply({"params": moved}, z, feats, pooled, lq_image=-lq)
+    assert float(jnp.abs(other - out).max()) > 1e-3  # the output depends on the LQ pixels
+    out0 = apply({"params": moved}, z, feats, pooled, fidelity_weight=0.0, lq_image=lq)
+    np.testing.assert_array_equal(np.asarray(out0), np.asarray(plain))
+
+
+def test_image_fusion_refuses_a_missing_or_misshapen_lq_image(image_fusion_setup):
+    dec, params, z, feats, pooled, _, lq = image_fusion_setup
+    with pytest.raises(ValueError, match="needs lq_image"):
+        jax.eval_shape(dec.apply, {"params": params}, z, feats, pooled)
+    with pytest.raises(ValueError, match="lq_image has shape"):
+        jax.eval_shape(dec.apply, {"params": params}, z, feats, pooled, lq_image=lq[:, :-4])

@@ -115,7 +115,7 @@ def _decode(nets, params, z0, lq, prompts, knobs, settings):
     """Degradation-aware decoding of one image's latent, tile by tile when tiling is on."""
     def dec(z, img, p_d):
         feats = dr.lq_features(nets, params["vae"], img)
-        return dr.decode(nets, params["decoder"], z, feats, {"degradation": p_d},
+        return dr.decode(nets, params["decoder"], z, feats, {"degradation": p_d}, img,
                          fidelity_weight=knobs.fidelity_weight)
 
     if settings.tile is None:

@@ -62,7 +62,8 @@ def build_networks(model_config) -> Networks:
         remat_policy=m.remat_policy, **kw)
     vae = AutoencoderKL.from_config(dict(m.vae), **kw)
     decoder = DegradationAwareDecoder.from_vae_config(
-        dict(m.vae), rdb_growth=m.decoder["rdb_growth"], rdb_convs=m.decoder["rdb_convs"], **kw)
+        dict(m.vae), rdb_growth=m.decoder["rdb_growth"], rdb_convs=m.decoder["rdb_convs"],
+        image_fusion_width=int(m.decoder.get("image_fusion_width", 0)), **kw)
     clip = CLIPVisionTransformer.from_config(dict(m.clip), attention_impl=m.attention_impl, **kw)
     prompt = VisualPromptProcessor(context_dim=unet_cfg["cross_attention_dim"],
                                    hidden_dim=m.prompt["hidden_dim"],
@@ -128,11 +129,13 @@ def lq_features(nets: Networks, vae_params, lq):
     return feats
 
 
-def decode(nets: Networks, decoder_params, z0, features, prompts, fidelity_weight=1.0) -> jax.Array:
-    """Latents (scaled) + LQ features + mean(P_D) -> restored image in [0, 1]."""
+def decode(nets: Networks, decoder_params, z0, features, prompts, lq, fidelity_weight=1.0) -> jax.Array:
+    """Latents (scaled) + LQ features + mean(P_D) (+ the LQ image [0, 1], used when the decoder has
+    image-level fusion) -> restored image in [0, 1]."""
     p_d = jnp.mean(prompts["degradation"].astype(jnp.float32), axis=1)
+    lq_image = lq * 2.0 - 1.0 if nets.decoder.image_fusion_width else None
     img = nets.decoder.apply({"params": decoder_params}, z0 / nets.vae.scaling_factor, features, p_d,
-                             fidelity_weight=fidelity_weight)
+                             fidelity_weight=fidelity_weight, lq_image=lq_image)
     return jnp.clip((img.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -181,7 +184,8 @@ def init_params(nets: Networks, key: jax.Array, image_size: int, batch: int = 1)
     }
     feats = nets.vae.apply({"params": params["vae"]}, feats_img, return_features=True,
                            method="encode")[2]
-    params["decoder"] = nets.decoder.init(k[5], ex["latent"], feats, ex["pooled_pd"])["params"]
+    params["decoder"] = nets.decoder.init(k[5], ex["latent"], feats, ex["pooled_pd"],
+                                          lq_image=ex["image"])["params"]
     params["control"] = init_control_from_unet(params["control"], params["unet"])
     params["decoder"] = init_decoder_from_vae(params["decoder"], params["vae"])
     return params

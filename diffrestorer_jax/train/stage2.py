@@ -93,7 +93,7 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
         gan_on = state.step >= int(tcfg.gan_start_step)
 
         def loss_fn(params):
-            image = dr.decode(nets, params["decoder"], z0, feats, prompts, fidelity)
+            image = dr.decode(nets, params["decoder"], z0, feats, prompts, lq, fidelity)
             l1 = jnp.mean(jnp.abs(image - hq))
             terms = {"l1": l1}
             loss = l1
