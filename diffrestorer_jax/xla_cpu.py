@@ -3,7 +3,7 @@
 jax 0.10's CPU backend hands matmuls, convolutions and elementwise fusions to the YNNPACK library.
 On the x86 CPUs we measured, its convolutions and elementwise loops were slower than XLA's own
 (Eigen convolutions, XLA-fused loops) while its matmuls were faster: giving YNNPACK only the matmuls
-took the SD 1.5 UNet forward at a 64x64 latent from 1.26x to 0.83x of PyTorch's time on the same
+took the SD 1.5 UNet forward at a 64x64 latent from 1.19x to 0.84x of PyTorch's time on the same
 machine (benchmarks/RESULTS.md). GPU and TPU backends ignore the flag.
 
 It only takes effect if set before JAX creates its CPU client (the first computation, not the
