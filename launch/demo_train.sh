@@ -11,8 +11,8 @@
 # Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
 # close-ups, written to a folder); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for ~40-80 minutes on a small CPU (the shipped checkpoint: 4537 s on a 2-core
-# CPU VM shared with other jobs, load 4-6; compiling is a few minutes of each stage).
+# Step counts are sized for ~1-1.5 hours on a small CPU (the shipped checkpoint: ~4600 s on a 2-core
+# CPU VM shared with other jobs, see demo/README.md; compiling is a few minutes of each stage).
 # Override them with the environment:
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
@@ -23,7 +23,7 @@ OUT=${OUT:-demo/checkpoint}
 VAE_STEPS=${VAE_STEPS:-400}
 UNET_STEPS=${UNET_STEPS:-200}
 S1_STEPS=${S1_STEPS:-200}
-S2_STEPS=${S2_STEPS:-600}
+S2_STEPS=${S2_STEPS:-1000}
 CONFIG=configs/tiny.py
 PHOTOS="$RUN_DIR/photos"
 # The tiny CPU model compiles its steps with XLA's backend optimisations off: compiling is most of
@@ -55,7 +55,8 @@ stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export"
 # No PatchGAN for the demo (tiny.py turns it on at step 100; in a longer trial it doubled the decoder's
 # L1 within 30 steps). The decoder sees VAE(HQ) latents and the stage-1 model's one-step estimates
 # half and half (train.decoder_latents=mixed, the default): trained on VAE(HQ) latents alone it
-# trusted the sampler's poor latents and lost 10-17 dB against the input.
+# trusted the sampler's poor latents and lost 10-17 dB against the input. The tiny decoder also fuses
+# the LQ image itself (configs/tiny.py image_fusion_width): +1 to +4 dB on every held-out type.
 stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_step=1000000
 
 rm -rf "$OUT"
