@@ -116,7 +116,7 @@ class DegradationAwareDecoder(nn.Module):
     image_fusion_gated: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "auto"
+    attention_impl: str = "auto"
 
     @classmethod
     def from_vae_config(cls, vae_config: Mapping[str, Any], **overrides) -> "DegradationAwareDecoder":
@@ -133,7 +133,7 @@ class DegradationAwareDecoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.decoder = Decoder(self.out_channels, tuple(self.block_out_channels), self.layers_per_block,
                                self.norm_num_groups, self.mid_block_add_attention,
-                               attention_implementation=self.attention_implementation, **kw)
+                               attention_impl=self.attention_impl, **kw)
         if self.use_post_quant_conv:
             self.post_quant_conv = Conv(self.latent_channels, 1, **kw)
         self.fusions = [LevelFusion(c, self.rdb_growth, self.rdb_convs, **kw)

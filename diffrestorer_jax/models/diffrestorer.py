@@ -60,6 +60,8 @@ def build_networks(model_config) -> Networks:
         unet_cfg, conditioning_channels=tuple(m.control["conditioning_channels"]),
         use_film=bool(m.control["use_film"]), attention_impl=m.attention_impl,
         remat_policy=m.remat_policy, **kw)
+    # The VAE and decoder keep attention_impl "auto": their one head is as wide as the channels (512
+    # in SD), past what the fused kernels take, and "auto" picks per backend and shape.
     vae = AutoencoderKL.from_config(dict(m.vae), **kw)
     decoder = DegradationAwareDecoder.from_vae_config(
         dict(m.vae), rdb_growth=m.decoder["rdb_growth"], rdb_convs=m.decoder["rdb_convs"],

@@ -83,7 +83,7 @@ class VAEAttention(nn.Module):
     groups: int = 32
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "auto"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -94,7 +94,7 @@ class VAEAttention(nn.Module):
         q, k, v = (Dense(c, names=("embed", "heads"), name=n, **kw)(h).reshape(b, hgt * wid, 1, c)
                    for n in ("to_q", "to_k", "to_v"))
         a = dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c), upcast=True,
-                                  implementation=self.attention_implementation)
+                                  implementation=self.attention_impl)
         a = Dense(c, names=("heads", "embed"), name="to_out_0", **kw)(a.reshape(b, hgt * wid, c))
         return constrain(x + a.reshape(b, hgt, wid, c), IMAGE_AXES)
 
@@ -106,13 +106,13 @@ class UNetMidBlock2D(nn.Module):
     add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "auto"
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
         self.resnets = [ResnetBlock2D(self.channels, **kw) for _ in range(2)]
         if self.add_attention:
-            self.attentions = [VAEAttention(attention_implementation=self.attention_implementation, **kw)]
+            self.attentions = [VAEAttention(attention_impl=self.attention_impl, **kw)]
 
     def __call__(self, x):
         x = self.resnets[0](x)
@@ -196,7 +196,7 @@ class Encoder(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "auto"
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -205,7 +205,7 @@ class Encoder(nn.Module):
         self.down_blocks = [DownEncoderBlock2D(c, self.layers_per_block, self.norm_num_groups,
                                                add_downsample=i < n - 1, **kw) for i, c in enumerate(ch)]
         self.mid_block = UNetMidBlock2D(ch[-1], self.norm_num_groups, self.mid_block_add_attention,
-                                        attention_implementation=self.attention_implementation, **kw)
+                                        attention_impl=self.attention_impl, **kw)
         self.conv_norm_out = GroupNorm(self.norm_num_groups, epsilon=VAE_NORM_EPS, **kw)
         self.conv_out = Conv(2 * self.out_channels, 3, **kw)
 
@@ -233,14 +233,14 @@ class Decoder(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "auto"
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rev, n = tuple(reversed(tuple(self.block_out_channels))), len(self.block_out_channels)
         self.conv_in = Conv(rev[0], 3, **kw)
         self.mid_block = UNetMidBlock2D(rev[0], self.norm_num_groups, self.mid_block_add_attention,
-                                        attention_implementation=self.attention_implementation, **kw)
+                                        attention_impl=self.attention_impl, **kw)
         self.up_blocks = [UpDecoderBlock2D(c, self.layers_per_block + 1, self.norm_num_groups,
                                            add_upsample=k < n - 1, **kw) for k, c in enumerate(rev)]
         self.conv_norm_out = GroupNorm(self.norm_num_groups, epsilon=VAE_NORM_EPS, **kw)
@@ -288,7 +288,7 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str = "auto"
+    attention_impl: str = "auto"
 
     @classmethod
     def from_config(cls, config: Dict[str, Any], **overrides) -> "AutoencoderKL":
@@ -315,7 +315,7 @@ class AutoencoderKL(nn.Module):
         common = dict(block_out_channels=tuple(self.block_out_channels), layers_per_block=self.layers_per_block,
                       norm_num_groups=self.norm_num_groups, mid_block_add_attention=self.mid_block_add_attention,
                       dtype=self.dtype, param_dtype=self.param_dtype,
-                      attention_implementation=self.attention_implementation)
+                      attention_impl=self.attention_impl)
         self.encoder = Encoder(self.latent_channels, **common)
         self.decoder = Decoder(self.out_channels, **common)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
