@@ -49,10 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.control = dict(conditioning_channels=(16, 32, 96, 256), use_film=True,
                            context="degradation", control_scale=1.0)
     # image_fusion_width > 0 adds a fusion of the LQ image itself after the output conv (models/decoder.py;
-    # not in the paper: for small VAEs that reconstruct far below a mildly degraded input);
-    # image_fusion_gated makes it a learned per-pixel blend toward the LQ image plus a residual
-    c.model.decoder = dict(rdb_growth=32, rdb_convs=5, fidelity_weight=1.0, image_fusion_width=0,
-                           image_fusion_gated=False)
+    # not in the paper: for small VAEs that reconstruct far below a mildly degraded input)
+    c.model.decoder = dict(rdb_growth=32, rdb_convs=5, fidelity_weight=1.0, image_fusion_width=0)
     c.model.discriminator = dict(base_channels=64, n_layers=3)  # stage-2 PatchGAN (train/discriminator.py)
 
     # Pretrained weights users bring (diffusers folders, single-file SD, HF / OpenAI CLIP), or None

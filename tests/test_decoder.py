@@ -129,27 +129,3 @@ def test_image_fusion_refuses_a_missing_or_misshapen_lq_image(image_fusion_setup
         jax.eval_shape(dec.apply, {"params": params}, z, feats, pooled)
     with pytest.raises(ValueError, match="lq_image has shape"):
         jax.eval_shape(dec.apply, {"params": params}, z, feats, pooled, lq_image=lq[:, :-4])
-
-
-def test_gated_image_fusion_starts_as_the_vae_decode_and_its_gate_blends_toward_the_lq_image(setup):
-    _, _, vae_params, z, feats, pooled, plain = setup
-    dec = DegradationAwareDecoder.from_vae_config(VAE, rdb_growth=4, rdb_convs=3, image_fusion_width=6,
-                                                  image_fusion_gated=True)
-    lq = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, plain.shape).astype(np.float32))
-    params = jax.jit(dec.init)(jax.random.PRNGKey(1), z, feats, pooled, lq_image=lq)["params"]
-    params = meta.unbox(init_decoder_from_vae(params, vae_params))
-    assert params["image_fusion"]["conv_out"]["kernel"].shape == (1, 1, 6, 6)  # (gate, residual) x RGB
-    apply = jax.jit(dec.apply)
-    out = apply({"params": params}, z, feats, pooled, fidelity_weight=1.0, lq_image=lq)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
-    # gate 1, residual 0 everywhere: w = 1 returns the LQ image, w = 0.5 the midpoint, w = 0 the decode
-    gate_only = jax.tree.map(lambda a: a, params)
-    gate_only["image_fusion"]["conv_out"]["bias"] = jnp.asarray([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
-    for w, want in ((1.0, lq), (0.5, (lq + plain) / 2), (0.0, plain)):
-        got = apply({"params": gate_only}, z, feats, pooled, fidelity_weight=w, lq_image=lq)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-    # the residual half adds to it: bias r = 0.1 moves the w = 1 output to lq + 0.1
-    with_residual = jax.tree.map(lambda a: a, gate_only)
-    with_residual["image_fusion"]["conv_out"]["bias"] = jnp.asarray([1.0, 1.0, 1.0, 0.1, 0.1, 0.1])
-    got = apply({"params": with_residual}, z, feats, pooled, fidelity_weight=1.0, lq_image=lq)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(lq) + 0.1, atol=1e-5)

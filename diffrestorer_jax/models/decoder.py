@@ -21,15 +21,6 @@ fusion of the same form after the decoder's output conv, with the LQ image itsel
 every output far below a mildly degraded input (the tiny demo model); this path lets the decoder
 keep what the LQ image already gets right. Zero-initialised like the others, so the init
 invariant (= the SD VAE decoder) and w = 0 still hold.
-
-`image_fusion_gated` (with `image_fusion_width` > 0) makes that last fusion a per-pixel blend
-toward the LQ image plus a residual, both from the same zero-initialised head:
-
-    out <- out + w * (g * (lq - out) + r),    (g, r) = ZeroConv1x1(RDB(...))
-
-The additive form has to build (lq - out) inside its RDB before it can pass a mildly degraded
-pixel through; here the gate's bias alone gets a gradient of (lq - out) * dL/dout from step one.
-Still the VAE decode at init and at w = 0.
 """
 from typing import Any, Dict, Mapping, Sequence
 
@@ -74,7 +65,6 @@ class LevelFusion(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     width: int = 0
-    gated: bool = False  # head gives (gate g, residual r): F_dec + w * (g * (F_enc - F_dec) + r)
 
     @nn.compact
     def __call__(self, f_dec, f_enc, pooled, weight):
@@ -87,12 +77,8 @@ class LevelFusion(nn.Module):
         scale, shift = jnp.split(film, 2, axis=-1)
         h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
         h = ResidualDenseBlock(self.growth, self.num_convs, name="rdb", **kw)(h)
-        h = ZeroConv(self.channels * (2 if self.gated else 1), 1, name="conv_out", **kw)(h)
-        h = h.astype(f_dec.dtype)
-        if self.gated:
-            gate, h = jnp.split(h, 2, axis=-1)
-            h = gate * (f_enc.astype(f_dec.dtype) - f_dec) + h
-        return constrain(f_dec + weight * h, IMAGE_AXES)
+        h = ZeroConv(self.channels, 1, name="conv_out", **kw)(h)
+        return constrain(f_dec + weight * h.astype(f_dec.dtype), IMAGE_AXES)
 
 
 class DegradationAwareDecoder(nn.Module):
@@ -100,8 +86,7 @@ class DegradationAwareDecoder(nn.Module):
     pooled P_D [N, D], fidelity_weight) -> image [N, h*f, w*f, out_channels] in [-1, 1].
 
     Fields: the SD VAE's decoder-side config fields + `rdb_growth`, `rdb_convs`,
-    `image_fusion_width` (0 = off; else pass `lq_image`, the LQ image in [-1, 1]),
-    `image_fusion_gated` (the image-level fusion as a gated blend toward the LQ image).
+    `image_fusion_width` (0 = off; else pass `lq_image`, the LQ image in [-1, 1]).
     """
     latent_channels: int = 4
     out_channels: int = 3
@@ -113,7 +98,6 @@ class DegradationAwareDecoder(nn.Module):
     rdb_growth: int = 32
     rdb_convs: int = 5
     image_fusion_width: int = 0
-    image_fusion_gated: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
@@ -140,8 +124,7 @@ class DegradationAwareDecoder(nn.Module):
                         for c in reversed(tuple(self.block_out_channels))]
         if self.image_fusion_width:
             self.image_fusion = LevelFusion(self.out_channels, self.rdb_growth, self.rdb_convs,
-                                            width=self.image_fusion_width,
-                                            gated=self.image_fusion_gated, **kw)
+                                            width=self.image_fusion_width, **kw)
 
     def __call__(self, z, lq_features: Sequence[jax.Array], p_d_pooled, fidelity_weight=1.0, lq_image=None):
         n = len(self.block_out_channels)
