@@ -97,7 +97,7 @@ def _ours_train(args, c, batch):
         jax.block_until_ready(m["loss"])
     del state
     t_ours = timed(ours, args.reps)
-    return t_ours, aot.model_flops_train(c, jax.devices(), paired=True)  # global, no remat recompute
+    return t_ours, aot.model_flops_train(c, paired=True)  # global, no remat recompute
 
 
 def bench_train(args, device_name: str):

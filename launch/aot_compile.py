@@ -26,7 +26,7 @@ _WHAT = flags.DEFINE_enum("what", "train", ["train", "restore", "stage1", "stage
                           "train = the config's stage step (stage1/stage2 are aliases that also set "
                           "config.stage), or restore")
 _STEPS = flags.DEFINE_integer("restore_steps", 2, "denoising steps compiled into restore (memory "
-                              "per step does not depend on it; FLOPs are scaled to 50 steps)")
+                              "per step does not depend on it; the report also gives FLOPs at 50)")
 _PAIRED = flags.DEFINE_bool("paired", False, "train step with paired LQ in the batch (no on-device "
                             "degradation: most of the HLO and compile time, little memory/FLOPs)")
 _EFFORT = flags.DEFINE_float("effort", None, "XLA exec_time_optimization_effort in [-1, 1] (-1: faster "
@@ -52,9 +52,6 @@ def main(argv):
         batch = _BATCH.value or int(config.train.batch_size)
         report = aot.compile_restore(config, devices, batch, _STEPS.value)
         print(aot.format_report(report, spec.generation, mfus))
-        per_step = report["model_flops"] / _STEPS.value
-        print(f"  (model FLOPs per denoising step incl. its share of CLIP/decoder: {per_step:.4g}; "
-              f"x50 steps ~ {per_step * 50:.4g})")
     else:
         opts = None if _EFFORT.value is None else {"exec_time_optimization_effort": _EFFORT.value}
         report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts)

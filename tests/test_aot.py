@@ -47,3 +47,20 @@ def test_tiny_stage1_compiles_for_v5e_2x2():
     assert r["xla_flops_per_chip"] > 1e6
     text = aot.format_report(r, aot.GENERATIONS["v5e"])
     assert "FITS" in text and "per chip" in text
+
+
+def test_model_flops_count_the_global_work_once():
+    """The model-FLOPs column: the train count is the global batch's (twice the images, twice the
+    FLOPs; remat recompute not counted), and restore's per-step forward is a fraction of a train
+    step's forward + backward per image."""
+    c = _mini_tiny()
+    c.train.batch_size = 2
+    two = aot.model_flops_train(c, paired=True)
+    c.train.batch_size = 4
+    c.model.remat_policy = "full"
+    four = aot.model_flops_train(c, paired=True)
+    assert two > 1e6 and four == pytest.approx(2 * two, rel=0.01)
+    r = aot.model_flops_restore(c, batch=4, steps=3)
+    assert r["per_image_once"] > 1e6 and r["per_step"] > 1e6
+    assert r["total"] == pytest.approx(4 * (r["per_image_once"] + 3 * r["per_step"]))
+    assert 1.5 < (two / 2) / r["per_step"] < 5, (two, r)

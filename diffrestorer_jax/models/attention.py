@@ -16,7 +16,9 @@ Layout is [batch, length, heads, head_dim] (what `jax.nn.dot_product_attention` 
   'auto'        cuDNN on GPU where it applies, the TPU kernel on TPU for long sequences, 'blocked' on
                 CPU where the score matrix outgrows the cache, XLA otherwise.
 The backend 'auto' chooses for is the default backend, or the one set by `target_backend(...)`
-(ahead-of-time compilation for TPU from a CPU host must not pick the CPU path). Under a GSPMD mesh
+(ahead-of-time compilation for TPU from a CPU host must not pick the CPU path;
+`target_backend("flops")` makes 'auto' pick 'xla' everywhere, so XLA's HLO cost model sees every
+attention as plain dots: a Pallas or cuDNN call and the blocked loop hide their FLOPs from it). Under a GSPMD mesh
 'auto' never picks the TPU kernel (see `_partitioned_by_gspmd`).
 `upcast=True` computes in float32 (cuDNN has no float32 kernel, so on GPU that means XLA).
 
@@ -47,7 +49,8 @@ _target: Optional[str] = None
 
 @contextlib.contextmanager
 def target_backend(name: Optional[str]) -> Iterator[None]:
-    """Choose implementations for backend `name` ('tpu', 'gpu', 'cpu') while tracing inside."""
+    """Choose implementations for backend `name` ('tpu', 'gpu', 'cpu', or 'flops': XLA's attention
+    everywhere, for counting) while tracing inside."""
     global _target
     previous, _target = _target, name
     try:
@@ -90,6 +93,8 @@ def _choose(implementation: str, q, k) -> str:
     if implementation != "auto":
         return implementation
     backend = _backend()
+    if backend == "flops":
+        return "xla"
     if backend == "gpu" and _cudnn_problem(q) is None:
         return "cudnn"
     long = min(q.shape[1], k.shape[1]) >= PALLAS_MIN_LENGTH

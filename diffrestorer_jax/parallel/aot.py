@@ -11,11 +11,15 @@ ShapeDtypeStructs that carry shardings. Nothing runs; XLA's TPU compiler reports
     print(format_report(report, spec))
 
 FLOP counts. `xla_flops_per_chip` is XLA's count for the partitioned (per-chip) program after
-optimisation, remat recompute included. `model_flops` is our count of the *global* step: the same step
-lowered with remat off, counted by XLA's HLO cost model on the un-partitioned, un-optimised module
-(every dot and convolution from its shapes: 2 x M x N x K, 2 x out elements x kernel volume x C_in),
-so it is the textbook "useful work" number MFU is defined against. Implied step time at a given MFU
-is model_flops / (chips x peak x MFU).
+optimisation, remat recompute included. XLA's cost model counts a loop body once (it does not know
+trip counts), so for restore, whose images (`lax.map`) and denoising steps (`lax.scan`) are loops,
+it is one image and one step. `model_flops` is our count of the *global* work: the step lowered for
+one CPU device with remat off and every attention as XLA's plain dots (`target_backend("flops")`),
+counted by XLA's HLO cost model on the un-optimised module (every dot and convolution from its
+shapes: 2 x M x N x K, 2 x out elements x kernel volume x C_in), so it is the textbook "useful work"
+number MFU is defined against; restore is counted part by part (CLIP + prompts + decoder once per
+image, control + UNet once per denoising step) with no loop in between. Implied step time at a given
+MFU is model_flops / (chips x peak x MFU).
 """
 import dataclasses
 import math
@@ -134,8 +138,9 @@ def _example_batch(run, paired: bool):
     return example
 
 
-def _train_lowered(config, devices, paired: bool = False):
-    """(lowered step, Run) for the config's stage, its mesh over `devices`, its batch."""
+def _train_lowered(config, devices, paired: bool = False, backend: str = "tpu"):
+    """(lowered step, Run) for the config's stage, its mesh over `devices`, its batch; attention
+    implementations chosen for `backend` (see `attention.target_backend`)."""
     from diffrestorer_jax.parallel import sharding
     from diffrestorer_jax.train.loop import Run
 
@@ -147,7 +152,7 @@ def _train_lowered(config, devices, paired: bool = False):
     jitted = jax.jit(run.step_fn, in_shardings=(run.plan.state_shardings, run.plan.frozen_shardings,
                                                  batch_sh),
                      out_shardings=(run.plan.state_shardings, run.replicated), donate_argnums=(0,))
-    with sharding.mesh_context(run.mesh, run.rules), attention.target_backend("tpu"):
+    with sharding.mesh_context(run.mesh, run.rules), attention.target_backend(backend):
         lowered = jitted.lower(run.plan.state_target, run.plan.frozen_target, abstract)
     return lowered, run
 
@@ -172,8 +177,7 @@ def _restore_lowered(config, devices, batch: int, steps: int):
     rep, rows = sharding.replicated(mesh), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sh), tree)
-    params = abstract(meta.unbox(jax.eval_shape(lambda k: dr.init_params(nets, k, size),
-                                                jax.random.PRNGKey(0))), rep)
+    params = abstract(_abstract_params(nets, size), rep)
     lq = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=rows)
     ids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
@@ -184,6 +188,11 @@ def _restore_lowered(config, devices, batch: int, steps: int):
     with attention.target_backend("tpu"):
         lowered = program.lower(params, lq, key, sched, knobs, ids)
     return lowered, mesh
+
+
+def _abstract_params(nets, size: int):
+    from diffrestorer_jax.models import diffrestorer as dr
+    return meta.unbox(jax.eval_shape(lambda k: dr.init_params(nets, k, size), jax.random.PRNGKey(0)))
 
 
 def _without_remat(config):
@@ -209,14 +218,56 @@ def compile_train_step(config, devices, count_model_flops: bool = True, paired: 
               "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
               "chips": len(devices), "images_per_step": int(config.train.batch_size)}
     if count_model_flops:
-        report["model_flops"] = model_flops_train(config, devices, paired)
+        report["model_flops"] = model_flops_train(config, paired)
     return report
 
 
-def model_flops_train(config, devices, paired: bool = False) -> float:
-    """Global FLOPs of one train step without remat recompute (HLO cost model, un-partitioned)."""
-    lowered, _ = _train_lowered(_without_remat(config), devices, paired)
-    return _cost(lowered).get("flops", float("nan"))
+def _hlo_flops(lowered) -> float:
+    flops = _cost(lowered).get("flops")
+    if not flops or not math.isfinite(flops):
+        raise RuntimeError("XLA's cost model gave no FLOP count for this module")
+    return float(flops)
+
+
+def model_flops_train(config, paired: bool = False) -> float:
+    """Global FLOPs of one train step without remat recompute: the step for the global batch lowered
+    for one CPU device (XLA's cost model answers only for a backend it has a client for, and one
+    device means no partitioning), every attention as plain dots."""
+    lowered, _ = _train_lowered(_without_remat(config), jax.devices("cpu")[:1], paired, backend="flops")
+    return _hlo_flops(lowered)
+
+
+def model_flops_restore(config, batch: int, steps: int) -> Dict[str, float]:
+    """Global FLOPs of restoring `batch` images with `steps` denoising steps, as the restore CLI
+    runs it (`RestoreSettings` from the config's sampler): {'per_image_once': CLIP + prompt heads +
+    LQ encoder features + degradation-aware decoder, 'per_step': control module + UNet for one image
+    (two rows with CFG), 'total': batch x (per_image_once + steps x per_step)}."""
+    from diffrestorer_jax.infer import pipeline
+    from diffrestorer_jax.models import diffrestorer as dr
+
+    nets = dr.build_networks(config.model)
+    size, f = int(config.image_size), nets.vae_factor
+    settings = pipeline.RestoreSettings(sampler=config.sampler.name, steps=int(steps))
+    knobs = pipeline.Knobs(*np.float32([1.0, 1.0, 1.0, 0.0]))
+    params = _abstract_params(nets, size)
+    lq = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    latent = jax.ShapeDtypeStruct((1, size // f, size // f, nets.latent_channels), jnp.float32)
+
+    def once(params, lq, z0):
+        prompts = dr.visual_prompts(nets, params["prompt"], dr.clip_tokens(nets, params["clip"], lq))
+        image = pipeline._decode(nets, params, z0, lq, prompts, knobs, settings)
+        return image, prompts
+
+    cpu = jax.devices("cpu")[0]
+    with attention.target_backend("flops"), jax.default_device(cpu):
+        fixed = _hlo_flops(jax.jit(once).lower(params, lq, latent))
+        prompts = jax.eval_shape(once, params, lq, latent)[1]
+        rows = 2 if settings.use_cfg else 1
+        z = jax.ShapeDtypeStruct((rows,) + latent.shape[1:], jnp.float32)
+        t = jax.ShapeDtypeStruct((rows,), jnp.int32)
+        step = _hlo_flops(jax.jit(lambda p, pr, lq, z, t: pipeline._model_fn(
+            nets, p, pr, lq, knobs, settings)(z, t)).lower(params, prompts, lq, z, t))
+    return {"per_image_once": fixed, "per_step": step, "total": batch * (fixed + steps * step)}
 
 
 def compile_restore(config, devices, batch: int, steps: int,
@@ -234,9 +285,12 @@ def compile_restore(config, devices, batch: int, steps: int,
     report = {"what": f"restore ({steps} steps)", "mesh": dict(mesh.shape), "batch": batch,
               "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
               "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
+              "xla_flops_note": "loop bodies counted once: one image, one denoising step",
               "chips": len(devices), "images_per_step": batch, "steps": steps}
-    if count_model_flops:  # the shard_map body is the per-chip program: its cost x chips is global
-        report["model_flops"] = _cost(lowered).get("flops", float("nan")) * len(devices)
+    if count_model_flops:
+        parts = model_flops_restore(config, batch, steps)
+        report["model_flops"] = parts["total"]
+        report["model_flops_parts"] = parts
     return report
 
 
@@ -260,13 +314,20 @@ def format_report(report: Dict[str, Any], gen: TpuGeneration, mfus=(0.3, 0.4, 0.
         f" -> {'FITS' if m['total'] <= hbm else 'DOES NOT FIT'}",
     ]
     xla = report["xla_flops_per_chip"]
+    note = report.get("xla_flops_note")
     lines.append(f"  FLOPs: XLA per chip {xla:.4g} (x{report['chips']} chips = {xla * report['chips']:.4g},"
-                 " remat recompute included)")
+                 f" remat recompute included{'; ' + note if note else ''})")
     mf = report.get("model_flops")
     if mf is not None and math.isfinite(mf):
+        ratio = "" if note else f"; XLA/model = {xla * report['chips'] / mf:.2f}"
         lines.append(f"  FLOPs: model (global, HLO count without remat) {mf:.4g} = "
-                     f"{mf / report['images_per_step']:.4g} per image; XLA/model = "
-                     f"{xla * report['chips'] / mf:.2f}")
+                     f"{mf / report['images_per_step']:.4g} per image{ratio}")
+        parts = report.get("model_flops_parts")
+        if parts:
+            lines.append(f"  FLOPs: per image {parts['per_image_once']:.4g} once (CLIP, prompts, LQ "
+                         f"features, decoder) + {parts['per_step']:.4g} per denoising step "
+                         f"(control + UNet); {report['steps']} steps here, at 50 steps "
+                         f"{parts['per_image_once'] + 50 * parts['per_step']:.4g} per image")
         for u in mfus:
             t = mf / (report["chips"] * gen.peak_bf16_flops * u)
             lines.append(f"  at MFU {u:.0%}: {t * 1e3:.1f} ms per step, "
