@@ -51,13 +51,14 @@ def test_tiny_stage1_compiles_for_v5e_2x2():
 
 def test_model_flops_count_the_global_work_once():
     """The model-FLOPs column: the train count is the global batch's (twice the images, twice the
-    FLOPs; remat recompute not counted), and restore's per-step forward is a fraction of a train
+    FLOPs; remat recompute and the attention implementation do not change it), and restore's per-step forward is a fraction of a train
     step's forward + backward per image."""
     c = _mini_tiny()
     c.train.batch_size = 2
     two = aot.model_flops_train(c, paired=True)
     c.train.batch_size = 4
     c.model.remat_policy = "full"
+    c.model.attention_impl = "pallas_tpu"  # a kernel call would hide its FLOPs: counted as XLA dots
     four = aot.model_flops_train(c, paired=True)
     assert two > 1e6 and four == pytest.approx(2 * two, rel=0.01)
     r = aot.model_flops_restore(c, batch=4, steps=3)

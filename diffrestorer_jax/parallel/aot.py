@@ -195,9 +195,13 @@ def _abstract_params(nets, size: int):
     return meta.unbox(jax.eval_shape(lambda k: dr.init_params(nets, k, size), jax.random.PRNGKey(0)))
 
 
-def _without_remat(config):
+def _for_counting(config):
+    """Remat off (its recompute is not model work) and attention 'auto', which `target_backend("flops")`
+    turns into XLA dots the cost model can count (an explicit 'cudnn' or 'pallas_tpu' would not lower
+    for the CPU, and a kernel call hides its FLOPs)."""
     c = config.copy_and_resolve_references()
     c.model.remat_policy = "none"
+    c.model.attention_impl = "auto"
     return c
 
 
@@ -233,7 +237,7 @@ def model_flops_train(config, paired: bool = False) -> float:
     """Global FLOPs of one train step without remat recompute: the step for the global batch lowered
     for one CPU device (XLA's cost model answers only for a backend it has a client for, and one
     device means no partitioning), every attention as plain dots."""
-    lowered, _ = _train_lowered(_without_remat(config), jax.devices("cpu")[:1], paired, backend="flops")
+    lowered, _ = _train_lowered(_for_counting(config), jax.devices("cpu")[:1], paired, backend="flops")
     return _hlo_flops(lowered)
 
 
@@ -245,7 +249,7 @@ def model_flops_restore(config, batch: int, steps: int) -> Dict[str, float]:
     from diffrestorer_jax.infer import pipeline
     from diffrestorer_jax.models import diffrestorer as dr
 
-    nets = dr.build_networks(config.model)
+    nets = dr.build_networks(_for_counting(config).model)
     size, f = int(config.image_size), nets.vae_factor
     settings = pipeline.RestoreSettings(sampler=config.sampler.name, steps=int(steps))
     knobs = pipeline.Knobs(*np.float32([1.0, 1.0, 1.0, 0.0]))
