@@ -18,8 +18,8 @@ Layout is [batch, length, heads, head_dim] (what `jax.nn.dot_product_attention` 
 The backend 'auto' chooses for is the default backend, or the one set by `target_backend(...)`
 (ahead-of-time compilation for TPU from a CPU host must not pick the CPU path;
 `target_backend("flops")` makes 'auto' pick 'xla' everywhere, so XLA's HLO cost model sees every
-attention as plain dots: a Pallas or cuDNN call and the blocked loop hide their FLOPs from it). Under a GSPMD mesh
-'auto' never picks the TPU kernel (see `_partitioned_by_gspmd`).
+attention as plain dots: a Pallas or cuDNN call and the blocked loop hide their FLOPs from it).
+Under a GSPMD mesh 'auto' never picks the TPU kernel (see `_partitioned_by_gspmd`).
 `upcast=True` computes in float32 (cuDNN has no float32 kernel, so on GPU that means XLA).
 
 The TPU kernel runs per device: under `jit` with sharded activations call it inside `shard_map`
