@@ -278,8 +278,9 @@ def compile_restore(config, devices, batch: int, steps: int,
                     count_model_flops: bool = True) -> Dict[str, Any]:
     """Compile `restore` (the whole sampler loop, `steps` denoising steps) for `batch` images.
 
-    The sampler is a `lax.scan`, so per-step memory does not grow with `steps`; a short `steps`
-    gives the same per-chip memory and a proportional FLOP count (scaled to 50 steps in the report).
+    The sampler is a `lax.scan`, so per-step memory does not grow with `steps`: a short `steps`
+    gives the same per-chip memory. The model FLOPs (`model_flops_restore`) are for `steps`, and the
+    report also gives them at 50 steps.
     """
     t0 = time.time()
     lowered, mesh = _restore_lowered(config, devices, batch, steps)
