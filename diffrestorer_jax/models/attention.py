@@ -169,25 +169,53 @@ def blocked_attention(q, k, v, *, scale: float, block_q: int = _BLOCK_Q,
     blocks through a `lax.scan` keeping the running max m, normaliser l and unnormalised output
     acc (float32), rescaled by exp(m_old - m_new) as each block arrives; with one key block that is
     a plain softmax. Padded keys get a large negative logit.
+
+    The gradient is flash attention's own (`_tiled_attention`'s custom VJP): the forward keeps only
+    the output and each query's log-sum-exp, and the backward recomputes a tile's probabilities
+    from them. Differentiating the online-softmax loop instead made XLA save every block's
+    rescaling terms and reduce them again (RESULTS.md: the tiny train step's profile).
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bq, bk = min(block_q, lq), min(block_k, lk)
     lq_pad, lk_pad = _round_up(lq, bq), _round_up(lk, bk)
-    nq, nk = lq_pad // bq, lk_pad // bk
     heads_first = lambda t, n: jnp.pad(jnp.swapaxes(t, 1, 2).reshape(b * h, t.shape[1], d),  # noqa: E731
                                        ((0, 0), (0, n - t.shape[1]), (0, 0)))
-    q_tiles = heads_first(q.astype(jnp.float32) * scale, lq_pad).astype(q.dtype).reshape(b * h * nq, bq, d)
-    kh = heads_first(k, lk_pad).reshape(b * h, nk, bk, d)
-    vh = heads_first(v, lk_pad).reshape(b * h, nk, bk, d)
-    valid = jnp.arange(lk_pad).reshape(nk, bk) < lk
-    head_of_tile = jnp.repeat(jnp.arange(b * h), nq)
+    qh = heads_first(q.astype(jnp.float32) * scale, lq_pad).astype(q.dtype).reshape(b * h, -1, bq, d)
+    kh = heads_first(k, lk_pad).reshape(b * h, -1, bk, d)
+    vh = heads_first(v, lk_pad).reshape(b * h, -1, bk, d)
+    out = _tiled_attention(qh, kh, vh, lk)
+    out = out.reshape(b, h, lq_pad, d)[:, :, :lq]
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def _key_mask(nk: int, bk: int, lk: int) -> Optional[jax.Array]:
+    """[nk, bk] True for real keys, or None when no key is padding (static)."""
+    return None if nk * bk == lk else jnp.arange(nk * bk).reshape(nk, bk) < lk
+
+
+def _with_mask(block):
+    """(k, v) or (k, v, mask) scan slice -> (k, v, mask or None)."""
+    return tuple(block) if len(block) == 3 else (*block, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled_attention(qh, kh, vh, lk: int):
+    """softmax(q k^T) v per head: qh [BH, nq, bq, D] (pre-scaled), kh, vh [BH, nk, bk, D] of which
+    the first `lk` keys are real -> float32 [BH, nq, bq, D]."""
+    return _tiled_forward(qh, kh, vh, lk)[0]
+
+
+def _tiled_forward(qh, kh, vh, lk):
+    bh, nq, bq, d = qh.shape
+    _, nk, bk, _ = kh.shape
+    mask = _key_mask(nk, bk, lk)
 
     def key_block(qc, carry, blk):
         m, l, acc = carry
         kb, vb, ok = blk
         s = jnp.dot(qc, kb.T, preferred_element_type=jnp.float32)
-        if lk_pad != lk:  # static: only padded keys need the mask
+        if ok is not None:
             s = jnp.where(ok, s, -1e30)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[:, None])
@@ -195,19 +223,81 @@ def blocked_attention(q, k, v, *, scale: float, block_q: int = _BLOCK_Q,
         pv = jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
         return (m_new, l * c + p.sum(-1), acc * c[:, None] + pv), None
 
-    def tile(args):  # [bq, D] queries of one (example, head)
+    def tile(args):  # [bq, D] queries of head i
         qc, i = args
         init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
                 jnp.zeros((bq, d), jnp.float32))
         if nk == 1:
-            (_, l, acc), _ = key_block(qc, init, (kh[i, 0], vh[i, 0], valid[0]))
+            (m, l, acc), _ = key_block(qc, init, (kh[i, 0], vh[i, 0], None if mask is None else mask[0]))
         else:
-            (_, l, acc), _ = jax.lax.scan(functools.partial(key_block, qc), init, (kh[i], vh[i], valid))
-        return acc / l[:, None]
+            blocks = (kh[i], vh[i]) + (() if mask is None else (mask,))
+            step = lambda carry, blk: key_block(qc, carry, _with_mask(blk))  # noqa: E731
+            (m, l, acc), _ = jax.lax.scan(step, init, blocks)
+        return acc / l[:, None], m + jnp.log(l)
 
-    out = jax.lax.map(tile, (q_tiles, head_of_tile))
-    out = out.reshape(b, h, lq_pad, d)[:, :, :lq]
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+    out, lse = jax.lax.map(tile, (qh.reshape(bh * nq, bq, d), jnp.repeat(jnp.arange(bh), nq)))
+    return out.reshape(bh, nq, bq, d), lse.reshape(bh, nq, bq)
+
+
+def _tiled_attention_fwd(qh, kh, vh, lk):
+    out, lse = _tiled_forward(qh, kh, vh, lk)
+    return out, (qh, kh, vh, out, lse)
+
+
+def _tiled_attention_bwd(lk, residuals, d_out):
+    """Flash attention's backward, one head at a time (lax.map), its query tiles in a lax.scan that
+    sums dK and dV, each tile's key blocks in an inner scan that sums dQ: with P = exp(S - lse),
+    dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q (scale is in Q)."""
+    qh, kh, vh, out, lse = residuals
+    _, nq, bq, d = qh.shape
+    _, nk, bk, _ = kh.shape
+    mask = _key_mask(nk, bk, lk)
+    delta = jnp.sum(d_out * out, axis=-1)  # rowsum(dO * O) = rowsum(P * dP)
+    f32 = jnp.float32
+
+    def block_grads(qc, doc, lse_c, delta_c, kb, vb, ok):
+        # Scores transposed ([keys, queries]) so that dV = P^T dO and dK = dS^T Q are plain
+        # [bk, bq] x [bq, D] products: XLA's CPU dot runs a transposed left operand several times
+        # slower. dQ = dS K needs dS the other way round; the barrier makes XLA copy it into that
+        # layout instead of folding the transpose back into the dot (3x faster in our benchmark).
+        p_t = jnp.exp(jnp.dot(kb, qc.T, preferred_element_type=f32) - lse_c[None, :])
+        if ok is not None:
+            p_t = jnp.where(ok[:, None], p_t, 0.0)
+        do_c = doc.astype(vb.dtype)
+        dv = jnp.dot(p_t.astype(vb.dtype), do_c, preferred_element_type=f32)
+        ds_t = p_t * (jnp.dot(vb, do_c.T, preferred_element_type=f32) - delta_c[None, :])
+        dk = jnp.dot(ds_t.astype(qc.dtype), qc, preferred_element_type=f32)
+        ds = jax.lax.optimization_barrier(ds_t.T)
+        dq = jnp.dot(ds.astype(kb.dtype), kb, preferred_element_type=f32)
+        return dq, dk, dv
+
+    def head(args):
+        q_tiles, do_tiles, lse_tiles, delta_tiles, k_blocks, v_blocks = args
+
+        def query_tile(carry, xs):
+            dk_sum, dv_sum = carry
+            qc, doc, lse_c, delta_c = xs
+            if nk == 1:
+                dq, dk, dv = block_grads(qc, doc, lse_c, delta_c, k_blocks[0], v_blocks[0],
+                                         None if mask is None else mask[0])
+                dk, dv = dk[None], dv[None]
+            else:
+                def key_block(dq_sum, blk):
+                    dq, dk, dv = block_grads(qc, doc, lse_c, delta_c, *_with_mask(blk))
+                    return dq_sum + dq, (dk, dv)
+                blocks = (k_blocks, v_blocks) + (() if mask is None else (mask,))
+                dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros((bq, d), f32), blocks)
+            return (dk_sum + dk, dv_sum + dv), dq
+
+        zeros = jnp.zeros((nk, bk, d), f32)
+        (dk, dv), dq = jax.lax.scan(query_tile, (zeros, zeros), (q_tiles, do_tiles, lse_tiles, delta_tiles))
+        return dq, dk, dv
+
+    dq, dk, dv = jax.lax.map(head, (qh, d_out, lse, delta, kh, vh))
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
+
+
+_tiled_attention.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)
 
 
 @functools.lru_cache(maxsize=64)
