@@ -42,6 +42,9 @@ def parse_args(argv=None):
                    help="< 1 starts sampling from the noised LQ latent (default: the demo's setting)")
     p.add_argument("--fidelity", type=float, default=None, help="decoder fidelity weight")
     p.add_argument("--control-scale", type=float, default=None, help="control module scale")
+    p.add_argument("--color-fix", default=None, choices=("none", "wavelet", "adain", "auto"),
+                   help="colour correction towards the input (auto: wavelet, except where the input is "
+                        "classified hazy or dark)")
     return p.parse_args(argv)
 
 
@@ -50,7 +53,7 @@ def parse_args(argv=None):
 # where restored beats degraded: fidelity 1.5 (4 types) beat 1 (3); 2 was worse on a trial checkpoint
 # of the same design (2 types); strength 0.7 kept the haze and darkness of the input (1 type, with
 # the previous checkpoint).
-DEMO_SETTINGS = dict(steps=10, strength=1.0, fidelity=1.5, control_scale=None)
+DEMO_SETTINGS = dict(steps=10, strength=1.0, fidelity=1.5, control_scale=None, color_fix="none")
 
 
 def settings_from_args(args):
@@ -65,7 +68,7 @@ def make_restorer(checkpoint, settings, seed):
     from diffrestorer_jax.infer import runner
     options = runner.Options(seed=seed, steps=settings["steps"], strength=settings["strength"],
                              fidelity=settings["fidelity"], control_scale=settings["control_scale"],
-                             batch_size=1, num_devices=1)
+                             color_fix=settings["color_fix"], batch_size=1, num_devices=1)
     return runner.Restorer.from_export(checkpoint, options)
 
 
@@ -139,7 +142,8 @@ def metrics_markdown(rows, settings, checkpoint, size, seed, photos, seconds):
         + (" (sampling starts from the noised LQ latent)" if settings["strength"] < 1 else " (from pure noise)")
         + f", fidelity weight {settings['fidelity'] if settings['fidelity'] is not None else 'config default'}"
         + f", control scale {settings['control_scale'] if settings['control_scale'] is not None else 'config default'}"
-        + ", no colour fix, no guidance.",
+        + (", no colour fix" if settings["color_fix"] == "none" else f", colour fix {settings['color_fix']}")
+        + ", no guidance.",
         "",
         "| type | PSNR degraded | PSNR restored | SSIM degraded | SSIM restored | PSNR better? |",
         "|---|---:|---:|---:|---:|:---:|",

@@ -34,7 +34,8 @@ def test_held_out_split_is_disjoint():
 def test_demo_gallery_and_metrics(tmp_path):
     from diffrestorer_jax.data.image_io import read_image
     out = tmp_path / "out"
-    assert _demo().main(["--checkpoint", CHECKPOINT, "--out", str(out), "--size", "32", "--steps", "1"]) == 0
+    assert _demo().main(["--checkpoint", CHECKPOINT, "--out", str(out), "--size", "32", "--steps", "1",
+                          "--color-fix", "auto"]) == 0
     gallery = read_image(str(out / "gallery.png"))
     # 9 rows (8 types + mixed) of 32 px, 6 columns (2 photos x degraded | restored | clean)
     assert gallery.shape[0] >= 9 * 32 and gallery.shape[1] >= 6 * 32
@@ -49,7 +50,7 @@ def test_demo_gallery_and_metrics(tmp_path):
             assert np.isfinite(r[k]) and 3.0 < r[k] < 80.0, r
         for k in ("ssim_degraded", "ssim_restored"):
             assert -1.0 <= r[k] <= 1.0, r
-    assert "steps" in text and "strength" in text
+    assert "steps" in text and "strength" in text and "colour fix auto" in text
 
 
 def test_demo_input_mode(tmp_path):
@@ -58,7 +59,8 @@ def test_demo_input_mode(tmp_path):
     src = tmp_path / "mine.png"
     write_png(str(src), demo_photos.load_photos(["coffee"], 32)[0])  # the gallery test's shape: no recompile
     out = tmp_path / "out"
-    assert _demo().main(["--checkpoint", CHECKPOINT, "--input", str(src), "--out", str(out), "--steps", "1"]) == 0
+    assert _demo().main(["--checkpoint", CHECKPOINT, "--input", str(src), "--out", str(out), "--steps", "1",
+                          "--color-fix", "auto"]) == 0
     restored = read_image(str(out / "restored" / "mine.png"))
     assert restored.shape == (32, 32, 3)
     assert not (out / "metrics.md").exists()
