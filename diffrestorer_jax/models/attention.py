@@ -10,7 +10,8 @@ Layout is [batch, length, heads, head_dim] (what `jax.nn.dot_product_attention` 
                 exact but very slow, meant for tests;
   'blocked'     flash attention written in jnp for XLA's CPU backend: one (example, head, query
                 chunk) tile at a time (lax.map), keys in blocks with an online softmax (lax.scan),
-                so the L x L scores never leave the cache. At SD's 64x64 latent (L = 4096) 'xla'
+                so the L x L scores never leave the cache; its gradient is flash attention's
+                (recomputed per tile, no score matrix kept). At SD's 64x64 latent (L = 4096) 'xla'
                 materialises 8 x 4096 x 4096 float32 scores and streams them through memory; see
                 benchmarks/attention_cpu.py and RESULTS.md for the measured difference;
   'auto'        cuDNN on GPU where it applies, the TPU kernel on TPU for long sequences, 'blocked' on
@@ -172,8 +173,8 @@ def blocked_attention(q, k, v, *, scale: float, block_q: int = _BLOCK_Q,
 
     The gradient is flash attention's own (`_tiled_attention`'s custom VJP): the forward keeps only
     the output and each query's log-sum-exp, and the backward recomputes a tile's probabilities
-    from them. Differentiating the online-softmax loop instead made XLA save every block's
-    rescaling terms and reduce them again (RESULTS.md: the tiny train step's profile).
+    from them. Differentiating the online-softmax loop instead made XLA keep every tile's
+    probabilities (2.3x the score matrix) and reduce them again (RESULTS.md: the tiny train step).
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -259,7 +260,8 @@ def _tiled_attention_bwd(lk, residuals, d_out):
         # Scores transposed ([keys, queries]) so that dV = P^T dO and dK = dS^T Q are plain
         # [bk, bq] x [bq, D] products: XLA's CPU dot runs a transposed left operand several times
         # slower. dQ = dS K needs dS the other way round; the barrier makes XLA copy it into that
-        # layout instead of folding the transpose back into the dot (3x faster in our benchmark).
+        # layout instead of folding the transpose back into the dot. Together 2.6x faster than
+        # plain [queries, keys] tiles at the tiny UNet's L = 1024 (RESULTS.md).
         p_t = jnp.exp(jnp.dot(kb, qc.T, preferred_element_type=f32) - lse_c[None, :])
         if ok is not None:
             p_t = jnp.where(ok[:, None], p_t, 0.0)
