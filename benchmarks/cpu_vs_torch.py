@@ -14,7 +14,9 @@ Parts:
                 step (VAE encode, CLIP, prompts, control + UNet, loss, grads, AdamW, EMA); theirs =
                 the same graph in PyTorch (no_grad for the frozen parts, a torch AdamW step on the
                 prompt MLPs + ControlNet, grad clipping, EMA). Not run for sd15 unless --train_sd15
-                (the two models' train states together need ~16 GB of RAM).
+                (the two models' train states together need more than a 24 GiB host has: there,
+                time one side per process with --side ours, then --side theirs; sequential, not
+                interleaved, so compare them only on an otherwise idle machine).
 Ours: warmed up (compiled before timing), `block_until_ready`. Theirs: `torch.no_grad()`, eval().
 """
 import argparse
@@ -341,6 +343,8 @@ def main():
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--train_sd15", action="store_true")
     ap.add_argument("--attention", default="auto", help="our attention implementation: auto | xla")
+    ap.add_argument("--side", default="both", choices=("both", "ours", "theirs"),
+                    help="train part only: time one side in this process (when both do not fit in memory)")
     args = ap.parse_args()
     global ATTENTION
     ATTENTION = args.attention
@@ -359,13 +363,21 @@ def main():
                 if part == "train" and size != "tiny" and not args.train_sd15:
                     continue
                 t0 = time.time()
-                ours, theirs = getattr(b, f"part_{part}")()
-                med = interleaved({"ours": ours, "theirs": theirs}, args.reps)
-                row = (size, part, med["ours"] * 1e3, med["theirs"] * 1e3, med["ours"] / med["theirs"])
+                if args.side == "both":
+                    ours, theirs = getattr(b, f"part_{part}")()
+                    fns = {"ours": ours, "theirs": theirs}
+                elif part == "train":
+                    fns = {args.side: getattr(TrainPair(b), args.side)()}
+                else:
+                    ap.error("--side ours/theirs applies to the train part only")
+                med = interleaved(fns, args.reps)
+                ms = {k: med[k] * 1e3 if k in med else float("nan") for k in ("ours", "theirs")}
+                row = (size, part, ms["ours"], ms["theirs"], ms["ours"] / ms["theirs"])
                 rows.append(row)
                 print(f"| {size} | {part} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.2f}x | "
                       f"({time.time() - t0:.0f} s incl. build/compile)", flush=True)
-    print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} interleaved runs")
+    how = "interleaved runs" if args.side == "both" else f"runs of {args.side} alone (--side)"
+    print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} {how}")
     print("| config | part | ours ms | PyTorch ms | ours / PyTorch |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f}x |")
