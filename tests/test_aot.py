@@ -51,8 +51,8 @@ def test_tiny_stage1_compiles_for_v5e_2x2():
 
 def test_model_flops_count_the_global_work_once():
     """The model-FLOPs column: the train count is the global batch's (twice the images, twice the
-    FLOPs; remat recompute and the attention implementation do not change it), and restore's per-step forward is a fraction of a train
-    step's forward + backward per image."""
+    FLOPs; remat recompute and the attention implementation do not change it), and restore's
+    per-step forward is a fraction of a train step's forward + backward per image."""
     c = _mini_tiny()
     c.train.batch_size = 2
     two = aot.model_flops_train(c, paired=True)
