@@ -49,8 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.control = dict(conditioning_channels=(16, 32, 96, 256), use_film=True,
                            context="degradation", control_scale=1.0)
     # image_fusion_width > 0 adds a fusion of the LQ image itself after the output conv (models/decoder.py;
-    # not in the paper: for small VAEs that reconstruct far below a mildly degraded input)
-    c.model.decoder = dict(rdb_growth=32, rdb_convs=5, fidelity_weight=1.0, image_fusion_width=0)
+    # not in the paper: for small VAEs that reconstruct far below a mildly degraded input);
+    # image_fusion_base 'lq' makes that fusion correct the LQ image instead of the decoded one
+    c.model.decoder = dict(rdb_growth=32, rdb_convs=5, fidelity_weight=1.0, image_fusion_width=0,
+                           image_fusion_base="decoder")
     c.model.discriminator = dict(base_channels=64, n_layers=3)  # stage-2 PatchGAN (train/discriminator.py)
 
     # Pretrained weights users bring (diffusers folders, single-file SD, HF / OpenAI CLIP), or None
@@ -72,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
         # the decoder's latents: 'hq' (VAE of HQ), 'predicted' (the stage-1 model's one-step z_0
         # estimate at t < decoder_max_timestep, 0 = any) or 'mixed' (predicted w.p. decoder_predicted_prob)
         decoder_latents="mixed", decoder_predicted_prob=0.5, decoder_max_timestep=0,
+        decoder_pixel_loss="l1",  # or 'psnr': mean log10 MSE per image (train/stage2.py)
         kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
 

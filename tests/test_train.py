@@ -196,14 +196,20 @@ def test_stage1_learns(one_device, pool):
     assert np.mean(acc[-10:]) > 1.0 / 8 + 0.15, acc
 
 
-def test_stage2_learns(pool, tmp_path):
-    run = loop.Run(small_config("stage2"), str(tmp_path), jax.devices()[:1], FAST)
+@pytest.mark.parametrize("pixel_loss", ["l1", "psnr"])
+def test_stage2_learns(pool, tmp_path, pixel_loss):
+    c = small_config("stage2")
+    c.train.decoder_pixel_loss = pixel_loss
+    run = loop.Run(c, str(tmp_path), jax.devices()[:1], FAST)
     state, frozen = run.init()
     hist = []
     for s in range(16):
         state, m = run.step(state, frozen, paired_batch(pool, s))
         hist.append(host(m))
-    l1 = [h["l1"] for h in hist]
+    l1 = [h["l1"] for h in hist]  # logged for either pixel loss
+    if pixel_loss == "psnr":  # before the GAN starts, the loss is the PSNR term alone
+        off = [h for h in hist if not h["gan_on"]]
+        np.testing.assert_allclose([h["loss"] for h in off], [h["psnr"] for h in off], rtol=1e-6)
     assert [h["gan_on"] for h in hist][:5] == [0, 0, 0, 0, 1]
     assert np.isfinite(hist[-1]["gan_d"])
     assert np.mean(l1[-4:]) < np.mean(l1[:4]), l1
@@ -215,4 +221,22 @@ def test_stage2_rejects_unknown_decoder_latents():
     c = small_config("stage2")
     c.train.decoder_latents = "sampled"
     with pytest.raises(ValueError, match="decoder_latents='sampled'"):
+        stage2.make_step(dr.build_networks(c.model), c, None, loop.make_schedule(c), None, None, lpips=())
+
+
+def test_stage2_psnr_pixel_loss_is_minus_mean_psnr_over_ten():
+    """'psnr' weighs images by their own error: it is -PSNR/10 averaged over images, not over pixels."""
+    from diffrestorer_jax.metrics.psnr_ssim import psnr
+    from diffrestorer_jax.models import diffrestorer as dr
+    from diffrestorer_jax.train import stage2
+    rng = np.random.default_rng(0)
+    hq = rng.uniform(size=(2, 8, 8, 3)).astype(np.float32)
+    image = np.clip(hq + rng.normal(size=hq.shape) * np.array([0.01, 0.2])[:, None, None, None], 0, 1)
+    image = image.astype(np.float32)
+    want = -np.mean([float(psnr(image[i], hq[i])) for i in range(2)]) / 10
+    np.testing.assert_allclose(float(stage2.pixel_loss(image, hq, "psnr")), want, rtol=1e-5)
+    np.testing.assert_allclose(float(stage2.pixel_loss(image, hq, "l1")), np.mean(np.abs(image - hq)), rtol=1e-6)
+    c = small_config("stage2")
+    c.train.decoder_pixel_loss = "l2"
+    with pytest.raises(ValueError, match="decoder_pixel_loss='l2'"):
         stage2.make_step(dr.build_networks(c.model), c, None, loop.make_schedule(c), None, None, lpips=())
