@@ -32,7 +32,8 @@ def get_config(arg: str = "stage1"):
     c.model.prompt = dict(hidden_dim=64, classifier_hidden_dim=64)
     c.model.control = dict(conditioning_channels=(8, 16, 32), use_film=True, context="degradation",
                            control_scale=1.0)
-    c.model.decoder = dict(rdb_growth=8, rdb_convs=3, fidelity_weight=1.0, image_fusion_width=32)
+    c.model.decoder = dict(rdb_growth=8, rdb_convs=3, fidelity_weight=1.0, image_fusion_width=32,
+                           image_fusion_base="decoder")
     c.sampler.steps = 10
     c.train.batch_size = 8
     c.train.num_steps = 200

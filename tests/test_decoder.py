@@ -129,3 +129,24 @@ def test_image_fusion_refuses_a_missing_or_misshapen_lq_image(image_fusion_setup
         jax.eval_shape(dec.apply, {"params": params}, z, feats, pooled)
     with pytest.raises(ValueError, match="lq_image has shape"):
         jax.eval_shape(dec.apply, {"params": params}, z, feats, pooled, lq_image=lq[:, :-4])
+
+
+def test_lq_based_image_fusion_starts_as_the_lq_image_and_corrects_it_from_the_latent(image_fusion_setup):
+    """image_fusion_base='lq': LQ + w * correction(decoded, LQ); the LQ image at init and at w = 0."""
+    _, params, z, feats, pooled, plain, lq = image_fusion_setup
+    dec = DegradationAwareDecoder.from_vae_config(VAE, rdb_growth=4, rdb_convs=3, image_fusion_width=6,
+                                                  image_fusion_base="lq")
+    apply = jax.jit(dec.apply)
+    for w in (1.0, 0.0):  # same parameter tree as the default base
+        out = apply({"params": params}, z, feats, pooled, fidelity_weight=w, lq_image=lq)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(lq))
+    moved = _perturb(params, lambda p: p[0] == "image_fusion", 6)
+    out = apply({"params": moved}, z, feats, pooled, lq_image=lq)
+    assert float(jnp.abs(out - lq).max()) > 1e-3
+    other_latent = apply({"params": moved}, -z, feats, pooled, lq_image=lq)
+    assert float(jnp.abs(other_latent - out).max()) > 1e-3  # the correction sees the decoded latent
+    out0 = apply({"params": moved}, z, feats, pooled, fidelity_weight=0.0, lq_image=lq)
+    np.testing.assert_array_equal(np.asarray(out0), np.asarray(lq))
+    with pytest.raises(ValueError, match="image_fusion_base must be"):
+        bad = DegradationAwareDecoder.from_vae_config(VAE, image_fusion_width=6, image_fusion_base="image")
+        jax.eval_shape(bad.apply, {"params": params}, z, feats, pooled, lq_image=lq)

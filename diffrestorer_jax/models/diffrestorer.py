@@ -65,7 +65,8 @@ def build_networks(model_config) -> Networks:
     vae = AutoencoderKL.from_config(dict(m.vae), **kw)
     decoder = DegradationAwareDecoder.from_vae_config(
         dict(m.vae), rdb_growth=m.decoder["rdb_growth"], rdb_convs=m.decoder["rdb_convs"],
-        image_fusion_width=int(m.decoder.get("image_fusion_width", 0)), **kw)
+        image_fusion_width=int(m.decoder.get("image_fusion_width", 0)),
+        image_fusion_base=str(m.decoder.get("image_fusion_base", "decoder")), **kw)
     clip = CLIPVisionTransformer.from_config(dict(m.clip), attention_impl=m.attention_impl, **kw)
     prompt = VisualPromptProcessor(context_dim=unet_cfg["cross_attention_dim"],
                                    hidden_dim=m.prompt["hidden_dim"],
