@@ -1,0 +1,68 @@
+"""Where a demo checkpoint loses PSNR: per degradation type, the decoder given different latents.
+
+    python benchmarks/demo_breakdown.py --checkpoint demo/checkpoint --photos astronaut chelsea
+
+Degrades the photos as `launch/demo.py` does (same types, same seed) and prints the mean PSNR
+against the clean photo of:
+  lq        the degraded input
+  vae_hq    the plain VAE decode of VAE(HQ): what the latent path alone can reach
+  dec_hq    the degradation-aware decoder given VAE(HQ): a perfect diffusion sample
+  dec_lq    the decoder given VAE(LQ): a sampler that changed nothing
+  restored  the whole restoration at the demo's settings (`--fidelity`, `--strength`)
+so a gap between dec_hq / dec_lq and restored is the sampled latent's, one below lq in dec_lq the
+decoder's. Use training photos (the default) to choose things; the held-out ones are for `make demo`.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+
+import numpy as np  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "demo", "checkpoint"))
+    ap.add_argument("--photos", nargs="+", default=["astronaut", "chelsea"])
+    ap.add_argument("--fidelity", type=float, default=None, help="default: the demo's")
+    ap.add_argument("--strength", type=float, default=None, help="default: the demo's")
+    args = ap.parse_args()
+    import jax
+    import demo
+    from diffrestorer_jax.metrics.psnr_ssim import psnr
+    from diffrestorer_jax.models import diffrestorer as dr
+    from diffrestorer_jax.train import export
+
+    settings = dict(demo.DEMO_SETTINGS)
+    settings.update({k: v for k, v in (("fidelity", args.fidelity), ("strength", args.strength)) if v is not None})
+    _, nets, params = export.load_export(args.checkpoint)
+    clean, lq, names = demo.degrade_photos(args.photos, 64, 0)
+    n_photos, n_types = lq.shape[:2]
+    hq_flat = np.repeat(clean, n_types, 0)
+    lq_flat = lq.reshape((-1,) + lq.shape[2:])
+
+    @jax.jit
+    def decodes(hq, lq):
+        prompts = dr.visual_prompts(nets, params["prompt"], dr.clip_tokens(nets, params["clip"], lq))
+        feats = dr.lq_features(nets, params["vae"], lq)
+        z_hq, z_lq = dr.encode_latents(nets, params["vae"], hq), dr.encode_latents(nets, params["vae"], lq)
+        dec = lambda z: dr.decode(nets, params["decoder"], z, feats, prompts, lq, settings["fidelity"])  # noqa: E731
+        return {"vae_hq": dr.vae_decode(nets, params["vae"], z_hq), "dec_hq": dec(z_hq), "dec_lq": dec(z_lq)}
+
+    columns = {"lq": lq_flat, **{k: np.asarray(v) for k, v in decodes(hq_flat, lq_flat).items()}}
+    restorer = demo.make_restorer(args.checkpoint, settings, 0)
+    columns["restored"] = np.stack([img for img, _ in restorer.restore_images(list(lq_flat))])
+    print(f"{args.checkpoint}, photos {', '.join(args.photos)}, fidelity {settings['fidelity']}, "
+          f"strength {settings['strength']}, {settings['steps']} steps; mean PSNR (dB)")
+    print("| type | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for t, name in enumerate(names):
+        row = [np.mean([float(psnr(v.reshape((n_photos, n_types) + v.shape[1:])[p, t], clean[p]))
+                        for p in range(n_photos)]) for v in columns.values()]
+        print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
