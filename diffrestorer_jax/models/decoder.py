@@ -27,7 +27,7 @@ decoded image the side input, so the output is the LQ image plus a learned corre
     out = LQ + w * ZeroConv1x1(RDB(FiLM_pd(Conv3x3(concat(decoded, LQ)))))
 
 which equals the LQ image at init and at w = 0 (not the VAE decode). With a VAE far below a mildly
-degraded input, the default base left those inputs 1-4 dB worse even given the HQ latent; this
+degraded input, the default base left those inputs 1.7-5 dB worse even given the HQ latent; this
 base makes "change nothing" the starting point and lets training add only what helps.
 """
 from typing import Any, Dict, Mapping, Sequence

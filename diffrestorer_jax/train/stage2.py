@@ -117,9 +117,9 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
             image = dr.decode(nets, params["decoder"], z0, feats, prompts, lq, fidelity)
             l1 = jnp.mean(jnp.abs(image - hq))
             terms = {"l1": l1}  # logged whatever the pixel loss, so runs compare
-            loss = l1 if pixel == "l1" else pixel_loss(image, hq, pixel)
+            loss = l1
             if pixel != "l1":
-                terms[pixel] = loss
+                loss = terms[pixel] = pixel_loss(image, hq, pixel)
             if lpips is not None:
                 from diffrestorer_jax.metrics.lpips import lpips_unit_range
                 lp = jnp.mean(lpips_unit_range(lpips[0], lpips[1], image, hq))
