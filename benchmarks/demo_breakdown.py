@@ -38,8 +38,8 @@ def main():
 
     settings = dict(demo.DEMO_SETTINGS)
     settings.update({k: v for k, v in (("fidelity", args.fidelity), ("strength", args.strength)) if v is not None})
-    _, nets, params = export.load_export(args.checkpoint)
-    clean, lq, names = demo.degrade_photos(args.photos, 64, 0)
+    config, nets, params = export.load_export(args.checkpoint)
+    clean, lq, names = demo.degrade_photos(args.photos, int(config.image_size), 0)
     n_photos, n_types = lq.shape[:2]
     hq_flat = np.repeat(clean, n_types, 0)
     lq_flat = lq.reshape((-1,) + lq.shape[2:])
@@ -55,12 +55,12 @@ def main():
     columns = {"lq": lq_flat, **{k: np.asarray(v) for k, v in decodes(hq_flat, lq_flat).items()}}
     restorer = demo.make_restorer(args.checkpoint, settings, 0)
     columns["restored"] = np.stack([img for img, _ in restorer.restore_images(list(lq_flat))])
+    per_type = {k: v.reshape((n_photos, n_types) + v.shape[1:]) for k, v in columns.items()}
     print(f"{args.checkpoint}, photos {', '.join(args.photos)}, fidelity {settings['fidelity']}, "
           f"strength {settings['strength']}, {settings['steps']} steps; mean PSNR (dB)")
     print("| type | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
     for t, name in enumerate(names):
-        row = [np.mean([float(psnr(v.reshape((n_photos, n_types) + v.shape[1:])[p, t], clean[p]))
-                        for p in range(n_photos)]) for v in columns.values()]
+        row = [np.mean([float(psnr(v[p, t], clean[p])) for p in range(n_photos)]) for v in per_type.values()]
         print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
 
 
