@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffrestorer_jax.models.conv_grad import conv_general_dilated
+
 Dtype = Any
 
 
@@ -40,13 +42,17 @@ def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any =
          use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
          name: Optional[str] = None, kernel_init=nn.initializers.lecun_normal(),
          bias_init=nn.initializers.zeros_init()) -> nn.Conv:
-    """A 2D NHWC convolution with PyTorch-style symmetric padding (default: kernel_size // 2)."""
+    """A 2D NHWC convolution with PyTorch-style symmetric padding (default: kernel_size // 2).
+
+    Its gradients on CPU skip XLA's per-step kernel transposes where the kernel outweighs the
+    activation (`conv_grad`); the forward pass and other platforms are plain `lax` convolutions."""
     if padding is None:
         padding = kernel_size // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                   conv_general_dilated=conv_general_dilated,
                    kernel_init=_partitioned(kernel_init, (None, None, "conv_in", "conv_out")),
                    bias_init=_partitioned(bias_init, ("conv_out",)))
 

@@ -1,0 +1,141 @@
+"""A convolution whose input gradient, on CPU, skips XLA's per-step rearrangement of the kernel.
+
+For the gradient of a convolution with respect to its input, XLA CPU convolves the output gradient
+with the kernel flipped in space and with its in/out channels swapped, and it materialises that
+kernel copy on every step. The copy is a badly strided transpose (about 0.4 GB/s on the 2-core
+EPYC we profiled): in the SD 1.5 stage-1 step at a 32x32 latent it took 6.1 s of 22 s, e.g. 250-280 ms
+for each frozen 3x3x2560x1280 kernel of the UNet's lowest up block, whose activation is only 4x4.
+PyTorch pays no such copy.
+
+Where the kernel is large next to the activation, this module computes that gradient instead as
+  Z[n, p, q, a, b, :] = W[a, b] @ dy[n, p, q]        one matmul reading W in its stored layout
+  dx = sum over taps (a, b) of Z[..., a, b, :] shifted to where tap (a, b) read the input,
+which is exact (the same sum, in another order) and reads the kernel once with no copy. Elsewhere
+(large activations, where XLA's convolution is faster than the matmul) and on every other platform
+(`lax.platform_dependent`: GPU / TPU lower their own gradient, so ahead-of-time TPU compiles from a
+CPU host are unaffected), the gradient is XLA's own. The forward pass and the kernel gradient are
+always XLA's own.
+
+Pass `conv_general_dilated` to `flax.linen.Conv(conv_general_dilated=...)`.
+"""
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The matmul route is taken when the kernel holds at least this many times more values per output
+# channel than the output gradient has pixels (kh * kw * C_in >= RATIO * N * H_out * W_out).
+# Measured on the profiling machine (input gradient only, batch 1): 3x3 1280->1280 at 8x8 0.28x and
+# at 16x16 0.44x of XLA's time, 640->640 at 16x16 0.78x; 320->320 at 32x32 1.09x and at 64x64 2.2x.
+MATMUL_ROUTE_RATIO = 16
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _plain_conv(x, w, strides, padding, precision):
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
+                                    precision=precision)
+
+
+def _input_grad_by_matmul(dy, w, x_shape, strides, padding, precision):
+    """d(conv)/dx contracted with dy, as one matmul plus a sum of shifted (and, for strides > 1,
+    dilated) taps. Shapes: dy (N, Ho, Wo, Co), w (kh, kw, Ci, Co) -> (N, H, W, Ci)."""
+    kh, kw, ci, co = w.shape
+    n, ho, wo, _ = dy.shape
+    height, width = x_shape[1], x_shape[2]
+    z = lax.dot_general(dy.reshape(-1, co), w.reshape(-1, co), (((1,), (1,)), ((), ())),
+                        precision=precision).reshape(n, ho, wo, kh, kw, ci)
+    (pad_top, _), (pad_left, _) = padding
+    (stride_h, stride_w) = strides
+    dx = None
+    for a in range(kh):
+        for b in range(kw):
+            # Output pixel p read input row stride*p + a - pad_top through tap a: put Z's tap there
+            # (negative padding crops what fell outside the input).
+            low_h, low_w = a - pad_top, b - pad_left
+            high_h = height - low_h - (stride_h * (ho - 1) + 1)
+            high_w = width - low_w - (stride_w * (wo - 1) + 1)
+            tap = lax.pad(z[:, :, :, a, b, :], jnp.zeros((), z.dtype),
+                          ((0, 0, 0), (low_h, high_h, stride_h - 1), (low_w, high_w, stride_w - 1),
+                           (0, 0, 0)))
+            dx = tap if dx is None else dx + tap
+    return dx
+
+
+def _kernel_grad_by_matmul(x, dy, w_shape, strides, padding, precision):
+    """d(conv)/dw contracted with dy, as the input's patches (N*Ho*Wo, kh*kw*Ci) times dy: the
+    result comes out in HWIO order, with no transpose. Shapes: x (N, H, W, Ci), dy (N, Ho, Wo, Co)."""
+    kh, kw, ci, co = w_shape
+    n, ho, wo, _ = dy.shape
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    (stride_h, stride_w) = strides
+    patches = jnp.stack([xp[:, a:a + stride_h * (ho - 1) + 1:stride_h, b:b + stride_w * (wo - 1) + 1:stride_w, :]
+                         for a in range(kh) for b in range(kw)], axis=3)
+    dw = lax.dot_general(patches.reshape(-1, kh * kw * ci), dy.reshape(-1, co),
+                         (((0,), (0,)), ((), ())), precision=precision)
+    return dw.reshape(kh, kw, ci, co)
+
+
+def _make_conv(strides, padding, precision):
+    @jax.custom_vjp
+    def conv(x, w):
+        return _plain_conv(x, w, strides, padding, precision)
+
+    def fwd(x, w):
+        return conv(x, w), (x, w)
+
+    def bwd(res, dy):
+        x, w = res
+        plain = lambda x_, w_: _plain_conv(x_, w_, strides, padding, precision)
+        dw = lax.platform_dependent(
+            x, dy,
+            cpu=lambda x_, dy_: _kernel_grad_by_matmul(x_, dy_, w.shape, strides, padding, precision),
+            default=lambda x_, dy_: jax.vjp(lambda w_: plain(x_, w_), w)[1](dy_)[0])
+        dx = lax.platform_dependent(
+            dy, w,
+            cpu=lambda dy_, w_: _input_grad_by_matmul(dy_, w_, x.shape, strides, padding, precision),
+            default=lambda dy_, w_: jax.vjp(lambda x_: plain(x_, w_), x)[1](dy_)[0])
+        return dx.astype(x.dtype), dw.astype(w.dtype)
+
+    conv.defvjp(fwd, bwd)
+    return conv
+
+
+def matmul_route_applies(x_shape, w_shape, strides, padding) -> bool:
+    """Whether the input gradient is computed by matmul on CPU (static shapes: decided at trace)."""
+    kh, kw, ci, _ = w_shape
+    n, height, width, _ = x_shape
+    (pt, pb), (pl, pr) = padding
+    ho = (height + pt + pb - kh) // strides[0] + 1
+    wo = (width + pl + pr - kw) // strides[1] + 1
+    return kh * kw * ci >= MATMUL_ROUTE_RATIO * n * ho * wo
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                         precision=None, **kwargs):
+    """`lax.conv_general_dilated` (same signature), with the CPU input gradient above where it
+    applies: 2D NHWC/HWIO, explicit padding, no dilation, no groups, a large kernel. Anything else
+    goes to `lax.conv_general_dilated` unchanged."""
+    plain = (lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and feature_group_count == 1
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and not isinstance(padding, str)
+             and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
+    if plain:
+        strides = tuple(int(s) for s in window_strides)
+        pads: Tuple[Tuple[int, int], ...] = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if matmul_route_applies(lhs.shape, rhs.shape, strides, pads):
+            return _make_conv(strides, pads, precision)(lhs, rhs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                    feature_group_count=feature_group_count, precision=precision,
+                                    **kwargs)
+
+
+def _is_nhwc(dimension_numbers, lhs_shape, rhs_shape) -> bool:
+    if dimension_numbers is None:
+        return False
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    return dn == lax.conv_dimension_numbers(lhs_shape, rhs_shape, _NHWC)
