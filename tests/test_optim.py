@@ -79,6 +79,31 @@ def test_clipping_and_weight_decay_mask():
         assert bool(jnp.any(u["b"] != 0)) == b_moves and bool(jnp.any(u["w"] != 0))
 
 
+def test_clipping_matches_optax_and_keeps_the_norm():
+    """Our clipping is optax's (same updates, clipped or not), and the norm it computed is what the
+    train step logs (NaN after a skipped update); through MultiSteps it is the accumulated one's."""
+    params = _params()
+    grads = {"w": jnp.full((2, 3), 0.7), "b": jnp.array([0.5, -2.0, 1.0])}
+    norm = float(np.sqrt(6 * 0.49 + 0.25 + 4.0 + 1.0))
+    for clip in (0.5, 100.0, 0.0):
+        tx = optim.make_optimizer(dict(learning_rate=0.1, grad_clip_norm=clip))
+        ref = optax.chain(*([optax.clip_by_global_norm(clip)] if clip > 0 else []),
+                          optax.adamw(0.1, weight_decay=1e-2))
+        u, s = tx.update(grads, tx.init(params), params)
+        u_ref, _ = ref.update(grads, ref.init(params), params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u, u_ref)
+        np.testing.assert_allclose(float(optim.last_grad_norm(s)), norm, rtol=1e-6)
+        assert bool(optim.last_update_finite(s))
+    bad = {"w": grads["w"].at[0, 0].set(jnp.inf), "b": grads["b"]}
+    _, s = tx.update(bad, s, params)
+    assert not bool(optim.last_update_finite(s)) and np.isnan(float(optim.last_grad_norm(s)))
+    acc = optim.make_optimizer(dict(learning_rate=0.1, grad_accum_steps=2))
+    s = acc.init(params)
+    _, s = acc.update(grads, s, params)
+    _, s = acc.update(jax.tree.map(lambda g: -g, grads), s, params)   # mean gradient: zero
+    assert float(optim.last_grad_norm(s)) == 0.0
+
+
 def test_update_ema():
     ema = {"w": jnp.zeros(3)}
     out = optim.update_ema(ema, {"w": jnp.ones(3, jnp.bfloat16)}, 0.9)

@@ -185,9 +185,11 @@ def apply_gradients(state: TrainState, grads, tx, ema_decay: float, loss) -> Tup
     import optax
     from diffrestorer_jax.train import optim
 
-    gnorm = optim.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # The gradient norm comes from the optimizer's clipping: a second pass over the gradients here
+    # would cost as much again (optim.clip_by_global_norm).
+    gnorm = optim.last_grad_norm(opt_state)
+    finite = jnp.isfinite(loss) & optim.last_update_finite(opt_state)
     params = optax.apply_updates(state.params, updates)
     ema = optim.update_ema(state.ema, params, ema_decay)
     ema = jax.tree.map(lambda new, old: jnp.where(finite, new, old), ema, state.ema)
