@@ -1,4 +1,4 @@
-"""A convolution whose input gradient, on CPU, skips XLA's per-step rearrangement of the kernel.
+"""A convolution whose gradients, on CPU, skip XLA's per-step rearrangement of the kernel.
 
 For the gradient of a convolution with respect to its input, XLA CPU convolves the output gradient
 with the kernel flipped in space and with its in/out channels swapped, and it materialises that
@@ -10,11 +10,12 @@ PyTorch pays no such copy.
 Where the kernel is large next to the activation, this module computes that gradient instead as
   Z[n, p, q, a, b, :] = W[a, b] @ dy[n, p, q]        one matmul reading W in its stored layout
   dx = sum over taps (a, b) of Z[..., a, b, :] shifted to where tap (a, b) read the input,
-which is exact (the same sum, in another order) and reads the kernel once with no copy. Elsewhere
-(large activations, where XLA's convolution is faster than the matmul) and on every other platform
-(`lax.platform_dependent`: GPU / TPU lower their own gradient, so ahead-of-time TPU compiles from a
-CPU host are unaffected), the gradient is XLA's own. The forward pass and the kernel gradient are
-always XLA's own.
+which is exact (the same sum, in another order) and reads the kernel once with no copy; and the
+kernel gradient as patches(x)^T @ dy, which comes out in the kernel's HWIO order (XLA's comes out
+as [O, H, W, I] and is transposed too). Elsewhere (large activations, where XLA's convolution is
+faster than the matmul) and on every other platform (`lax.platform_dependent`: GPU / TPU lower
+their own gradients, so ahead-of-time TPU compiles from a CPU host are unaffected), the gradients
+are XLA's own. The forward pass is always XLA's convolution.
 
 Pass `conv_general_dilated` to `flax.linen.Conv(conv_general_dilated=...)`.
 """
@@ -26,8 +27,12 @@ from jax import lax
 
 # The matmul route is taken when the kernel holds at least this many times more values per output
 # channel than the output gradient has pixels (kh * kw * C_in >= RATIO * N * H_out * W_out).
-# Measured on the profiling machine (input gradient only, batch 1): 3x3 1280->1280 at 8x8 0.28x and
-# at 16x16 0.44x of XLA's time, 640->640 at 16x16 0.78x; 320->320 at 32x32 1.09x and at 64x64 2.2x.
+# Measured on the profiling machine (3x3 convs, batch 1; time relative to XLA's gradients for the
+# input gradient alone / input and kernel gradients; the ratio kh*kw*C_in / (N*H_out*W_out)):
+#   taken:     1280->1280 at 8x8 (180) 0.21x / 0.47x, at 16x16 (45) 0.44x / 0.62x,
+#              640->640 at 16x16 (22.5) 0.69x / 0.73x
+#   not taken: 640->640 at 32x32 (5.6) 0.96x / 1.17x, 320->320 at 32x32 (2.8) 1.42x / 0.80x,
+#              at 64x64 (0.7) 1.81x / 1.13x.
 MATMUL_ROUTE_RATIO = 16
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -70,7 +75,8 @@ def _kernel_grad_by_matmul(x, dy, w_shape, strides, padding, precision):
     n, ho, wo, _ = dy.shape
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     (stride_h, stride_w) = strides
-    patches = jnp.stack([xp[:, a:a + stride_h * (ho - 1) + 1:stride_h, b:b + stride_w * (wo - 1) + 1:stride_w, :]
+    rows, cols = stride_h * (ho - 1) + 1, stride_w * (wo - 1) + 1
+    patches = jnp.stack([xp[:, a:a + rows:stride_h, b:b + cols:stride_w, :]
                          for a in range(kh) for b in range(kw)], axis=3)
     dw = lax.dot_general(patches.reshape(-1, kh * kw * ci), dy.reshape(-1, co),
                          (((0,), (0,)), ((), ())), precision=precision)
@@ -103,7 +109,7 @@ def _make_conv(strides, padding, precision):
 
 
 def matmul_route_applies(x_shape, w_shape, strides, padding) -> bool:
-    """Whether the input gradient is computed by matmul on CPU (static shapes: decided at trace)."""
+    """Whether the gradients are computed by matmul on CPU (static shapes: decided at trace)."""
     kh, kw, ci, _ = w_shape
     n, height, width, _ = x_shape
     (pt, pb), (pl, pr) = padding
@@ -115,15 +121,15 @@ def matmul_route_applies(x_shape, w_shape, strides, padding) -> bool:
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          precision=None, **kwargs):
-    """`lax.conv_general_dilated` (same signature), with the CPU input gradient above where it
-    applies: 2D NHWC/HWIO, explicit padding, no dilation, no groups, a large kernel. Anything else
-    goes to `lax.conv_general_dilated` unchanged."""
-    plain = (lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and feature_group_count == 1
+    """`lax.conv_general_dilated` (same signature), with the CPU gradients above where they apply:
+    2D NHWC/HWIO, explicit padding, no dilation, no groups, a large kernel. Anything else goes to
+    `lax.conv_general_dilated` unchanged."""
+    eligible = (lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and feature_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1)))
              and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and not isinstance(padding, str)
              and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
-    if plain:
+    if eligible:
         strides = tuple(int(s) for s in window_strides)
         pads: Tuple[Tuple[int, int], ...] = tuple((int(lo), int(hi)) for lo, hi in padding)
         if matmul_route_applies(lhs.shape, rhs.shape, strides, pads):
