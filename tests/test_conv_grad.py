@@ -112,3 +112,39 @@ def test_tpu_lowering_keeps_xla_gradient():
         x_, w_, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC) ** 2)
     text = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text(dialect="hlo")
     assert text.count(" convolution(") == 3 and " dot(" not in text
+
+
+def test_remat_policy_still_keeps_the_convolutions(monkeypatch):
+    """Under nn.remat with `checkpoint_dots` (the SD configs' save_dots) the convolution outputs are
+    still kept: the TPU program with the matmul route's wrapper has the FLOPs and convolutions of the
+    one without it (wrapping the convolution itself in the custom_vjp made remat recompute it)."""
+    pytest.importorskip("libtpu")
+    from diffrestorer_jax.parallel import aot
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(3):
+                x = jax.nn.silu(layers.Conv(128, 3, name=f"conv{i}")(x))
+            return x
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for j in range(2):
+                x = nn.remat(Block, policy=jax.checkpoint_policies.checkpoint_dots)(name=f"b{j}")(x)
+            return x
+
+    x = jnp.ones((1, 8, 8, 128))
+    assert conv_grad.matmul_route_applies(x.shape, (3, 3, 128, 128), (1, 1), ((1, 1), (1, 1)))
+    params = Net().init(jax.random.key(0), x)
+    sharding = jax.sharding.SingleDeviceSharding(aot.topology_devices("v5e-4")[0])
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+
+    def compiled(ratio):
+        monkeypatch.setattr(conv_grad, "MATMUL_ROUTE_RATIO", ratio)
+        grad = jax.jit(jax.grad(lambda p, x_: jnp.sum(Net().apply(p, x_) ** 2)))
+        c = grad.lower(jax.tree.map(spec, params), spec(x)).compile()
+        return c.cost_analysis()["flops"], c.as_text().count("convolution(")
+
+    assert compiled(16) == compiled(10 ** 9)

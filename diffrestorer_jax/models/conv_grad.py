@@ -83,13 +83,19 @@ def _kernel_grad_by_matmul(x, dy, w_shape, strides, padding, precision):
     return dw.reshape(kh, kw, ci, co)
 
 
-def _make_conv(strides, padding, precision):
+def _attach_matmul_grads(strides, padding, precision):
+    """attach(y, x, w) = y, whose backward gives x and w the gradients of conv(x, w) (by matmul on
+    CPU, XLA's own elsewhere). The convolution itself stays a plain primitive outside it (computed
+    on stopped inputs), so remat policies that keep convolution outputs (`checkpoint_dots`) still
+    see and keep it: wrapping the convolution inside a custom_vjp hid it from them and made the
+    backward recompute every such convolution."""
     @jax.custom_vjp
-    def conv(x, w):
-        return _plain_conv(x, w, strides, padding, precision)
+    def attach(y, x, w):
+        del x, w
+        return y
 
-    def fwd(x, w):
-        return conv(x, w), (x, w)
+    def fwd(y, x, w):
+        return y, (x, w)
 
     def bwd(res, dy):
         x, w = res
@@ -102,10 +108,11 @@ def _make_conv(strides, padding, precision):
             dy, w,
             cpu=lambda dy_, w_: _input_grad_by_matmul(dy_, w_, x.shape, strides, padding, precision),
             default=lambda dy_, w_: jax.vjp(lambda x_: plain(x_, w_), x)[1](dy_)[0])
-        return dx.astype(x.dtype), dw.astype(w.dtype)
+        # y came from stopped inputs: its cotangent goes nowhere.
+        return jnp.zeros_like(dy), dx.astype(x.dtype), dw.astype(w.dtype)
 
-    conv.defvjp(fwd, bwd)
-    return conv
+    attach.defvjp(fwd, bwd)
+    return attach
 
 
 def matmul_route_applies(x_shape, w_shape, strides, padding) -> bool:
@@ -133,7 +140,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
         strides = tuple(int(s) for s in window_strides)
         pads: Tuple[Tuple[int, int], ...] = tuple((int(lo), int(hi)) for lo, hi in padding)
         if matmul_route_applies(lhs.shape, rhs.shape, strides, pads):
-            return _make_conv(strides, pads, precision)(lhs, rhs)
+            y = _plain_conv(lax.stop_gradient(lhs), lax.stop_gradient(rhs), strides, pads, precision)
+            return _attach_matmul_grads(strides, pads, precision)(y, lhs, rhs)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                     rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                     feature_group_count=feature_group_count, precision=precision,
