@@ -132,10 +132,10 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
     2D NHWC/HWIO, explicit padding, no dilation, no groups, a large kernel. Anything else goes to
     `lax.conv_general_dilated` unchanged."""
     eligible = (lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and feature_group_count == 1
-             and all(d == 1 for d in (lhs_dilation or (1, 1)))
-             and all(d == 1 for d in (rhs_dilation or (1, 1)))
-             and not isinstance(padding, str)
-             and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
+                and all(d == 1 for d in (lhs_dilation or (1, 1)))
+                and all(d == 1 for d in (rhs_dilation or (1, 1)))
+                and not isinstance(padding, str)
+                and _is_nhwc(dimension_numbers, lhs.shape, rhs.shape))
     if eligible:
         strides = tuple(int(s) for s in window_strides)
         pads: Tuple[Tuple[int, int], ...] = tuple((int(lo), int(hi)) for lo, hi in padding)
