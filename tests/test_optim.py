@@ -85,6 +85,10 @@ def test_clipping_matches_optax_and_keeps_the_norm():
     params = _params()
     grads = {"w": jnp.full((2, 3), 0.7), "b": jnp.array([0.5, -2.0, 1.0])}
     norm = float(np.sqrt(6 * 0.49 + 0.25 + 4.0 + 1.0))
+    for clip in (0.5, 100.0):   # clipped, not clipped: the transform alone (Adam would hide scale)
+        ours, _ = optim.clip_by_global_norm(clip).update(grads, optim.clip_by_global_norm(clip).init(params))
+        theirs, _ = optax.clip_by_global_norm(clip).update(grads, optax.EmptyState())
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
     for clip in (0.5, 100.0, 0.0):
         tx = optim.make_optimizer(dict(learning_rate=0.1, grad_clip_norm=clip))
         ref = optax.chain(*([optax.clip_by_global_norm(clip)] if clip > 0 else []),
@@ -100,8 +104,9 @@ def test_clipping_matches_optax_and_keeps_the_norm():
     acc = optim.make_optimizer(dict(learning_rate=0.1, grad_accum_steps=2))
     s = acc.init(params)
     _, s = acc.update(grads, s, params)
-    _, s = acc.update(jax.tree.map(lambda g: -g, grads), s, params)   # mean gradient: zero
-    assert float(optim.last_grad_norm(s)) == 0.0
+    assert float(optim.last_grad_norm(s)) == 0.0   # nothing applied yet (the initial state)
+    _, s = acc.update(jax.tree.map(lambda g: 3 * g, grads), s, params)   # mean gradient: 2 * grads
+    np.testing.assert_allclose(float(optim.last_grad_norm(s)), 2 * norm, rtol=1e-6)
 
 
 def test_update_ema():
