@@ -72,8 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
         # stage 2 (decoder): L1 + LPIPS + PatchGAN hinge after gan_start_step
         lpips_weight=1.0, gan_weight=0.1, gan_start_step=10_000, lpips_vgg="", lpips_lin="",
         # the decoder's latents: 'hq' (VAE of HQ), 'predicted' (the stage-1 model's one-step z_0
-        # estimate at t < decoder_max_timestep, 0 = any) or 'mixed' (predicted w.p. decoder_predicted_prob)
-        decoder_latents="mixed", decoder_predicted_prob=0.5, decoder_max_timestep=0,
+        # estimate at t < decoder_max_timestep, 0 = any) or 'mixed' (predicted w.p. decoder_predicted_prob);
+        # decoder_sample_steps N > 0: 'predicted' is an N-step DDIM sample from noise instead
+        decoder_latents="mixed", decoder_predicted_prob=0.5, decoder_max_timestep=0, decoder_sample_steps=0,
         decoder_pixel_loss="l1",  # or 'psnr': mean log10 MSE per image (train/stage2.py)
         kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))

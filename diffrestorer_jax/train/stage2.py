@@ -8,9 +8,12 @@ One step:
                          at a random t, conditioned on the LQ: latents as wrong as the sampler's can
                          be, so the decoder learns to correct them from the LQ features;
              'mixed'     per example, 'predicted' with probability `train.decoder_predicted_prob`.
-             The paper mixes VAE(HQ) latents with latents sampled by the stage-1 model; a full
-             sampling run per example is too costly inside a train step, and the one-step estimate
-             covers the same range of errors (large t: far from HQ, small t: close to it).
+             The paper mixes VAE(HQ) latents with latents sampled by the stage-1 model. By default
+             'predicted' is the one-step estimate, which covers the same range of errors (large t:
+             far from HQ, small t: close to it) at the cost of one network call; with
+             `train.decoder_sample_steps` N > 0 it is instead a whole DDIM run of N steps from pure
+             noise (`sampled_latents`): exactly the latents inference at strength 1 hands the decoder,
+             for N more forward passes of the frozen control + UNet per step.
   features = frozen VAE encoder features of LQ;  P_D = frozen prompt processor(CLIP(LQ))
   image    = decoder(z_0, features, mean(P_D))
   loss     = pixel loss + lpips_weight * LPIPS (only when lpips_vgg/lpips_lin are configured)
@@ -29,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffrestorer_jax.diffusion import schedules
+from diffrestorer_jax.diffusion import samplers, schedules
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.train import discriminator as disc_lib
 from diffrestorer_jax.train import optim
@@ -71,6 +74,16 @@ def pixel_loss(image, hq, kind: str):
     raise ValueError(f"train.decoder_pixel_loss={kind!r}: use one of {', '.join(PIXEL_LOSSES)}")
 
 
+def sampled_latents(nets: dr.Networks, frozen, schedule, prompts, lq, noise, num_steps: int,
+                    control_scale=1.0, context_mode: str = "degradation"):
+    """The frozen stage-1 model's DDIM sample (eta 0, strength 1) from `noise`, for a whole batch:
+    row i is what inference (infer/pipeline.py) gives image i from the same starting noise."""
+    def model_fn(z, t):
+        return dr.denoise(nets, frozen["control"], frozen["unet"], z, jnp.full((z.shape[0],), t), prompts,
+                          lq, control_scale=control_scale, context_mode=context_mode)
+    return samplers.sample(model_fn, noise, None, schedule, sampler="ddim", num_steps=num_steps)
+
+
 def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None):
     """`step(state, frozen, batch) -> (state, metrics)`, batch as in stage 1."""
     tcfg = config.train
@@ -90,6 +103,10 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
     # Largest t for 'predicted' latents: near SNR 0 an epsilon model's one-step estimate divides by
     # sqrt(alpha_bar) ~ 0.07 and is mostly noise; a sampler never hands the decoder that.
     max_t = int(tcfg.get("decoder_max_timestep", 0)) or None
+    sample_steps = int(tcfg.get("decoder_sample_steps", 0))
+    if sample_steps < 0:
+        raise ValueError(f"train.decoder_sample_steps={sample_steps}: use 0 (one-step estimates) or a "
+                         "number of DDIM steps")
 
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
         hq = batch["hq"].astype(jnp.float32)
@@ -102,11 +119,15 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
         if p_predicted == 0.0:
             z0 = dr.encode_latents(nets, frozen["vae"], hq, example_keys=k_lat)
         else:
-            z_hq, _, t, z_t = stage1.noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise,
-                                                   max_t=max_t)
-            out = dr.denoise(nets, frozen["control"], frozen["unet"], z_t, t, prompts, lq,
-                             control_scale=ctl.control_scale, context_mode=ctl.context)
-            z_pred, _ = schedules.predict_x0_and_eps(schedule, out.astype(jnp.float32), z_t, t)
+            z_hq, noise, t, z_t = stage1.noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t,
+                                                       k_noise, max_t=max_t)
+            if sample_steps:  # z_t's per-example noise doubles as the sampler's starting noise
+                z_pred = sampled_latents(nets, frozen, schedule, prompts, lq, noise, sample_steps,
+                                         ctl.control_scale, ctl.context)
+            else:
+                out = dr.denoise(nets, frozen["control"], frozen["unet"], z_t, t, prompts, lq,
+                                 control_scale=ctl.control_scale, context_mode=ctl.context)
+                z_pred, _ = schedules.predict_x0_and_eps(schedule, out.astype(jnp.float32), z_t, t)
             use = jax.vmap(lambda k: jax.random.bernoulli(k, p_predicted))(k_mix)
             z0 = jnp.where(use[:, None, None, None], z_pred, z_hq)
         feats = dr.lq_features(nets, frozen["vae"], lq)
