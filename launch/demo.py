@@ -50,10 +50,9 @@ def parse_args(argv=None):
 
 # The settings the shipped checkpoint is demonstrated with (metrics.md states them), chosen on two
 # TRAINING photos (astronaut, chelsea; `--photos`), never on the held-out ones, by the number of types
-# where restored beats degraded: fidelity 1.5 (4 types) beat 1 (3); 2 was worse on a trial checkpoint
-# of the same design (2 types); strength 0.7 kept the haze and darkness of the input (1 type, with
-# the previous checkpoint).
-DEMO_SETTINGS = dict(steps=10, strength=1.0, fidelity=1.5, control_scale=None, color_fix="none")
+# where restored beats degraded, then mean PSNR: fidelity 1 (6 types) beat 1.25 (4 types; demo/README.md).
+# Earlier checkpoints: fidelity 2 and strength 0.7 were worse (2 and 1 types).
+DEMO_SETTINGS = dict(steps=10, strength=1.0, fidelity=1.0, control_scale=None, color_fix="none")
 
 
 def settings_from_args(args):

@@ -11,8 +11,8 @@
 # Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
 # close-ups, written to a folder); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for ~1-1.5 hours on a small CPU (the shipped checkpoint: ~4600 s on a 2-core
-# CPU VM shared with other jobs, see demo/README.md; compiling is a few minutes of each stage).
+# Step counts are sized for ~1-1.5 hours on a small CPU (the shipped checkpoint: ~4400 s on a 2-core
+# CPU VM, see demo/README.md; compiling is a minute or two of each stage).
 # Override them with the environment:
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
@@ -22,8 +22,8 @@ RUN_DIR=${RUN_DIR:-workdir_demo}
 OUT=${OUT:-demo/checkpoint}
 VAE_STEPS=${VAE_STEPS:-400}
 UNET_STEPS=${UNET_STEPS:-200}
-S1_STEPS=${S1_STEPS:-200}
-S2_STEPS=${S2_STEPS:-1000}
+S1_STEPS=${S1_STEPS:-1000}
+S2_STEPS=${S2_STEPS:-250}
 CONFIG=configs/tiny.py
 PHOTOS="$RUN_DIR/photos"
 # The tiny CPU model compiles its steps with XLA's backend optimisations off: compiling is most of
@@ -53,11 +53,14 @@ stage prior_vae "$VAE_STEPS" 2e-3 ""
 stage prior_unet "$UNET_STEPS" 1e-3 "$RUN_DIR/prior_vae/export"
 stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export"
 # No PatchGAN for the demo (tiny.py turns it on at step 100; in a longer trial it doubled the decoder's
-# L1 within 30 steps). The decoder sees VAE(HQ) latents and the stage-1 model's one-step estimates
-# half and half (train.decoder_latents=mixed, the default): trained on VAE(HQ) latents alone it
-# trusted the sampler's poor latents and lost 10-17 dB against the input. The tiny decoder also fuses
-# the LQ image itself (configs/tiny.py image_fusion_width): +1 to +4 dB on every held-out type.
-stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_step=1000000
+# L1 within 30 steps). The decoder sees VAE(HQ) latents and the stage-1 model's own 10-step DDIM
+# samples (the latents `make demo` hands it) half and half: trained on VAE(HQ) latents alone it trusted
+# the sampler's poor latents and lost 10-17 dB against the input. It fuses the LQ image itself and
+# outputs a correction of it (image_fusion_base=lq), trained for per-image PSNR (decoder_pixel_loss=psnr)
+# so a mildly degraded input weighs as much as a heavily degraded one. See demo/README.md.
+stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_step=1000000 \
+  --config.train.decoder_sample_steps=10 --config.model.decoder.image_fusion_base=lq \
+  --config.train.decoder_pixel_loss=psnr
 
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
