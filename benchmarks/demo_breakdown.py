@@ -9,6 +9,8 @@ against the clean photo of:
   dec_hq    the degradation-aware decoder given VAE(HQ): a perfect diffusion sample
   dec_lq    the decoder given VAE(LQ): a sampler that changed nothing
   restored  the whole restoration at the demo's settings (`--fidelity`, `--strength`)
+  vae_sampled  the plain VAE decode of a DDIM sample from noise (the demo's step count; the stage-1
+            model alone, `train.stage2.sampled_latents`): how good the sampled latents are
 so a gap between dec_hq / dec_lq and restored is the sampled latent's, one below lq in dec_lq the
 decoder's. Use training photos (the default) to choose things; the held-out ones are for `make demo`.
 """
@@ -34,7 +36,8 @@ def main():
     import demo
     from diffrestorer_jax.metrics.psnr_ssim import psnr
     from diffrestorer_jax.models import diffrestorer as dr
-    from diffrestorer_jax.train import export
+    from diffrestorer_jax.train import export, stage2
+    from diffrestorer_jax.train.loop import make_schedule
 
     settings = dict(demo.DEMO_SETTINGS)
     settings.update({k: v for k, v in (("fidelity", args.fidelity), ("strength", args.strength)) if v is not None})
@@ -44,13 +47,20 @@ def main():
     hq_flat = np.repeat(clean, n_types, 0)
     lq_flat = lq.reshape((-1,) + lq.shape[2:])
 
+    schedule = make_schedule(config)
+    ctl = config.model.control
+
     @jax.jit
     def decodes(hq, lq):
         prompts = dr.visual_prompts(nets, params["prompt"], dr.clip_tokens(nets, params["clip"], lq))
         feats = dr.lq_features(nets, params["vae"], lq)
         z_hq, z_lq = dr.encode_latents(nets, params["vae"], hq), dr.encode_latents(nets, params["vae"], lq)
         dec = lambda z: dr.decode(nets, params["decoder"], z, feats, prompts, lq, settings["fidelity"])  # noqa: E731
-        return {"vae_hq": dr.vae_decode(nets, params["vae"], z_hq), "dec_hq": dec(z_hq), "dec_lq": dec(z_lq)}
+        noise = jax.random.normal(jax.random.PRNGKey(0), z_hq.shape)
+        z_s = stage2.sampled_latents(nets, params, schedule, prompts, lq, noise, settings["steps"],
+                                     ctl.control_scale, ctl.context)
+        return {"vae_hq": dr.vae_decode(nets, params["vae"], z_hq), "dec_hq": dec(z_hq), "dec_lq": dec(z_lq),
+                "vae_sampled": dr.vae_decode(nets, params["vae"], z_s)}
 
     columns = {"lq": lq_flat, **{k: np.asarray(v) for k, v in decodes(hq_flat, lq_flat).items()}}
     restorer = demo.make_restorer(args.checkpoint, settings, 0)
