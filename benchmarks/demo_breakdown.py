@@ -8,9 +8,9 @@ against the clean photo of:
   vae_hq    the plain VAE decode of VAE(HQ): what the latent path alone can reach
   dec_hq    the degradation-aware decoder given VAE(HQ): a perfect diffusion sample
   dec_lq    the decoder given VAE(LQ): a sampler that changed nothing
+  vae_sampled  the plain VAE decode of a DDIM sample from noise at the demo's step count
+            (`sampled_latents` of diffrestorer_jax/train/stage2.py): how good sampled latents are
   restored  the whole restoration at the demo's settings (`--fidelity`, `--strength`)
-  vae_sampled  the plain VAE decode of a DDIM sample from noise (the demo's step count; the stage-1
-            model alone, `train.stage2.sampled_latents`): how good the sampled latents are
 so a gap between dec_hq / dec_lq and restored is the sampled latent's, one below lq in dec_lq the
 decoder's. Use training photos (the default) to choose things; the held-out ones are for `make demo`.
 """
