@@ -260,10 +260,15 @@ class TrainPair:
 
     def theirs(self, device: str = "cpu", autocast: bool = False):
         """The PyTorch step on `device`; `autocast`: bfloat16 compute, float32 masters (GPU)."""
+        import torch
+        b = self.b
+        with torch.device(device):  # random init straight on the device (SD 1.5's CPU init is slow)
+            return self._theirs(b, device, autocast)
+
+    def _theirs(self, b, device, autocast):
         import diffusers
         import torch
         import transformers
-        b = self.b
         unet = diffusers.UNet2DConditionModel(**b.unet_cfg).requires_grad_(False)
         control = diffusers.ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=tuple(b.config.model.control["conditioning_channels"]))

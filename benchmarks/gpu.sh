@@ -1,23 +1,55 @@
 #!/usr/bin/env bash
 # One-GPU benchmark: ours vs diffusers PyTorch on the same card in one run (< 10 min on one H100).
 #   bash benchmarks/gpu.sh [extra gpu_bench.py flags, e.g. --batch 16 --restore_batch 8]
-# Installs what it needs when missing (jax[cuda12], torch, diffusers, transformers, this package),
-# prints the card, then runs benchmarks/gpu_bench.py (attention check, stage-1 train step images/s
-# and MFU at 512^2 bf16, restore images/s at 512^2 with 50 DDIM steps). Output is also saved to
-# benchmarks/gpu_results_<card>.txt for RESULTS.md.
-set -euo pipefail
+# Prints the card, then runs benchmarks/gpu_bench.py one part per process: the cuDNN attention
+# check, the stage-1 train step at 512^2 bf16 (ours, then PyTorch: images/s and MFU), restore at
+# 512^2 with 50 DDIM steps (ours, then PyTorch: images/s), and last the side-by-side summary whose
+# final line is the benchmarks/RESULTS.md row. Output is also saved to benchmarks/gpu_results_<card>.txt.
+# Environment:
+#   GPU_BENCH_BUDGET   seconds for all parts together (default 560); a part gets what is left, up
+#                      to its own cap, and parts that no longer fit are reported as skipped
+#   GPU_BENCH_WHEELS   a folder of wheels to install offline (no index) when the machine has no
+#                      network; otherwise missing packages come from PyPI
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no NVIDIA GPU"; exit 1; }
-if ! $PY -c "import jax, sys; sys.exit(0 if jax.devices()[0].platform == 'gpu' else 1)" 2>/dev/null; then
-  $PY -m pip install -q "jax[cuda12]"
-fi
-$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
-  || $PY -m pip install -q torch --index-url https://download.pytorch.org/whl/cu124
-$PY -c "import diffusers, transformers, flax, optax, ml_collections" 2>/dev/null \
-  || $PY -m pip install -q diffusers transformers safetensors
-$PY -c "import diffrestorer_jax" 2>/dev/null || $PY -m pip install -q -e .
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}  # leave half to torch
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
-timeout 570 $PY benchmarks/gpu_bench.py "$@" 2>&1 | tee "benchmarks/gpu_results_${card}.txt"
+log="benchmarks/gpu_results_${card}.txt"
+results="benchmarks/gpu_results_${card}.jsonl"
+exec > >(tee "$log") 2>&1  # everything below, versions included, lands in the log too
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader
+if [ -n "${GPU_BENCH_WHEELS:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_bench_site "$GPU_BENCH_WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/gpu_bench_site${PYTHONPATH:+:$PYTHONPATH}
+else
+  $PY -c "import jax, sys; sys.exit(0 if jax.devices()[0].platform == 'gpu' else 1)" 2>/dev/null \
+    || $PY -m pip install -q "jax[cuda12]"
+  $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+    || $PY -m pip install -q torch --index-url https://download.pytorch.org/whl/cu124
+  $PY -c "import diffusers, transformers, flax, optax, ml_collections, grain, dm_pix" 2>/dev/null \
+    || $PY -m pip install -q -e . diffusers
+fi
+$PY -c "import jax, flax, optax, torch, diffusers, transformers as t; print('jax', jax.__version__, jax.devices(), \
+'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, \
+'transformers', t.__version__)" || exit 1
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+rm -f "$results"
+budget=${GPU_BENCH_BUDGET:-560}
+start=$SECONDS
+# part:cap seconds. Each side of a comparison runs alone on the card; the torch parts keep JAX
+# from taking GPU memory in case it gets imported.
+for pc in attention:45 train_ours:240 train_torch:90 restore_ours:180 restore_torch:90; do
+  part=${pc%%:*} cap=${pc##*:}
+  left=$((budget - (SECONDS - start) - 10))
+  ((left < cap)) && cap=$left
+  if ((cap < 20)); then echo "== $part: skipped, the budget is spent"; continue; fi
+  echo "== $part (at most ${cap}s)"
+  t0=$SECONDS
+  XLA_PYTHON_CLIENT_PREALLOCATE=$([[ $part == *torch ]] && echo false || echo true) \
+    timeout "$cap" $PY benchmarks/gpu_bench.py --part "$part" --results "$results" "$@"
+  rc=$?
+  echo "== $part: rc $rc in $((SECONDS - t0))s$( ((rc == 124)) && echo ' (timed out)')"
+done
+echo "== summary"
+if [ -s "$results" ]; then $PY benchmarks/gpu_bench.py --summary "$results"; else echo "no part produced a figure"; fi

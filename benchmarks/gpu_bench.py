@@ -1,6 +1,8 @@
 """Ours vs diffusers PyTorch on one GPU: stage-1 train step and restore, plus the cuDNN attention check.
 
     python benchmarks/gpu_bench.py [--batch 16] [--restore_batch 8] [--steps 50] [--smoke]
+    python benchmarks/gpu_bench.py --part train_ours --results r.jsonl   # one part (gpu.sh does this)
+    python benchmarks/gpu_bench.py --summary r.jsonl                     # the RESULTS.md row
 
 1. Attention: our `dot_product_attention(implementation='cudnn')` vs 'xla' (the reference) on the
    SD 1.5 shapes (64x64 self-attention, 77/256-token cross-attention), bfloat16; max abs error.
@@ -11,11 +13,16 @@
    / time / the card's peak dense bf16 FLOP/s.
 3. Restore at 512^2 with `--steps` DDIM steps: ours = infer/pipeline.restore; theirs = CLIP + the
    prompt MLPs + a diffusers DDIM loop over ControlNet + UNet + the VAE decoder (the plain VAE decoder:
-   our degradation-aware decoder has extra RDB fusion, so ours does slightly more work). images/s.
-Weights are random (timing does not depend on them). `--smoke` runs all of it on CPU at the tiny
-config with 2 sampler steps and 1 timed repetition, to check the script, not to measure.
+   our degradation-aware decoder has extra RDB fusion, so ours does slightly more work). Both sides
+   batched: ours with `batch_mode='vmap'` (the CLI's default 'map' runs images one by one). images/s.
+Weights are random (timing does not depend on them). benchmarks/gpu.sh runs each side of each
+figure in its own process (`--part`), so neither framework's memory pool squeezes the other, and a
+part that fails or runs out of time leaves the others' numbers; `--summary` puts them side by side.
+`--smoke` runs all of it on CPU at the tiny config with 2 sampler steps and 1 timed repetition, to
+check the script, not to measure.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -42,7 +49,29 @@ def timed(fn, reps: int) -> float:
     return float(np.median(ts))
 
 
-def check_attention(smoke: bool):
+PARTS = ("attention", "train_ours", "train_torch", "restore_ours", "restore_torch")
+
+
+def record(args, **values):
+    """Print one part's figures and append them to --results (JSON lines) for --summary."""
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()),
+          flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(values) + "\n")
+
+
+def device_name() -> str:
+    """The card's name, from whichever framework this process uses (the other may hold no GPU)."""
+    if "jax" in sys.modules:
+        import jax
+        d = jax.devices()[0]
+        return d.device_kind if d.platform == "gpu" else "cpu"
+    import torch
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def check_attention(args):
     import jax
     import jax.numpy as jnp
     from diffrestorer_jax.models.attention import dot_product_attention
@@ -60,13 +89,12 @@ def check_attention(smoke: bool):
         ref = jax.jit(lambda q, k, v: dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                                             v.astype(jnp.float32), implementation="xla"))
         cud = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation="cudnn"))
+        xla = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation="xla"))
         err = float(jnp.max(jnp.abs(cud(q, k, v).astype(jnp.float32) - ref(q, k, v))))
-        t_x = timed(lambda: jax.block_until_ready(
-            jax.jit(lambda q, k, v: dot_product_attention(q, k, v, implementation="xla"))(q, k, v)), 5)
+        t_x = timed(lambda: jax.block_until_ready(xla(q, k, v)), 5)
         t_c = timed(lambda: jax.block_until_ready(cud(q, k, v)), 5)
-        print(f"attention {name}: cuDNN vs float32 XLA max abs err {err:.3g} "
-              f"({'OK' if err < 2e-2 else 'TOO LARGE'}); cuDNN {t_c * 1e3:.2f} ms, XLA bf16 {t_x * 1e3:.2f} ms",
-              flush=True)
+        record(args, part="attention", shape=name, max_abs_err=err, ok=bool(err < 2e-2),
+               cudnn_ms=t_c * 1e3, xla_bf16_ms=t_x * 1e3)
 
 
 def config_for(smoke: bool, batch: int):
@@ -81,115 +109,135 @@ def config_for(smoke: bool, batch: int):
     return c
 
 
-def _ours_train(args, c, batch):
-    """(median step seconds, model FLOPs); everything on the device is freed on return."""
-    import jax
+def train_batch(args, c):
+    rng = np.random.default_rng(0)
+    s = int(c.image_size)
+    return {"hq": rng.random((args.batch, s, s, 3), np.float32),
+            "lq": rng.random((args.batch, s, s, 3), np.float32),
+            "index": np.arange(args.batch, dtype=np.int32), "type_id": np.zeros(args.batch, np.int32)}
+
+
+def train_flops(args, c) -> float:
+    """Model FLOPs of one step (XLA's count on the CPU, no remat recompute); --train_flops skips it."""
+    if args.train_flops:
+        return args.train_flops
     from diffrestorer_jax.parallel import aot
+    return aot.model_flops_train(c, paired=True)
+
+
+def fast_threefry_compile():
+    """On a GPU, JAX's threefry as one kernel: random init of ~1,500 weight arrays otherwise compiles
+    each draw's unrolled rounds on its own (the same bits either way; a no-op on other backends)."""
+    import jax
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+
+
+def bench_train_ours(args):
+    import jax
+    fast_threefry_compile()
     from diffrestorer_jax.train.loop import Run, global_batch
+    c = config_for(args.smoke, args.batch)
+    batch = train_batch(args, c)
+    t0 = time.perf_counter()
     run = Run(c, "/tmp/gpu_bench_run")
     state, frozen = run.init()
+    jax.block_until_ready(state)
+    print(f"train_ours: initialised in {time.perf_counter() - t0:.0f}s", flush=True)
     compiled = run.compile(batch)
+    compile_s = time.perf_counter() - t0
+    print(f"train_ours: compiled at {compile_s:.0f}s", flush=True)
     gb = global_batch(batch, run.batch_shardings)
     holder = [state]
+    del state
 
     def ours():
         holder[0], m = compiled(holder[0], frozen, gb)
         jax.block_until_ready(m["loss"])
-    del state
-    t_ours = timed(ours, args.reps)
-    return t_ours, aot.model_flops_train(c, paired=True)  # global, no remat recompute
+    t = timed(ours, args.reps)
+    flops = train_flops(args, c)
+    name = device_name()
+    record(args, part="train_ours", device=name, batch=args.batch, step_ms=t * 1e3,
+           images_per_s=args.batch / t, tflop_per_image=flops / args.batch / 1e12,
+           mfu=flops / t / peak_flops(name), init_and_compile_s=compile_s)
 
 
-def bench_train(args, device_name: str):
+def bench_train_torch(args):
     import torch
     from benchmarks.cpu_vs_torch import Bench, TrainPair
     c = config_for(args.smoke, args.batch)
+    batch = train_batch(args, c)
     b = Bench("tiny" if args.smoke else "sd15", int(c.image_size) // (4 if args.smoke else 8), "/tmp")
     b.config = c
-    rng = np.random.default_rng(0)
-    s = int(c.image_size)
-    batch = {"hq": rng.random((args.batch, s, s, 3), np.float32),
-             "lq": rng.random((args.batch, s, s, 3), np.float32),
-             "index": np.arange(args.batch, dtype=np.int32), "type_id": np.zeros(args.batch, np.int32)}
-    t_ours, flops = _ours_train(args, c, batch)
-    print(f"train ours: {t_ours * 1e3:.1f} ms/step, {args.batch / t_ours:.2f} images/s, "
-          f"{flops / args.batch / 1e12:.3f} TFLOP/image, MFU {flops / t_ours / peak_flops(device_name):.1%}",
-          flush=True)
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     b.hq, b.lq = batch["hq"], batch["lq"]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     step = TrainPair(b).theirs(device=dev, autocast=not args.smoke)
 
     def theirs():
         step()
         if dev == "cuda":
             torch.cuda.synchronize()
-    t_th = timed(theirs, args.reps)
-    print(f"train PyTorch: {t_th * 1e3:.1f} ms/step, {args.batch / t_th:.2f} images/s, "
-          f"MFU {flops / t_th / peak_flops(device_name):.1%}; ours/PyTorch time {t_ours / t_th:.2f}x",
-          flush=True)
-    return t_ours, t_th
+    t = timed(theirs, args.reps)
+    flops = train_flops(args, c)
+    name = device_name()
+    record(args, part="train_torch", device=name, batch=args.batch, step_ms=t * 1e3,
+           images_per_s=args.batch / t, mfu=flops / t / peak_flops(name))
 
 
-def _ours_restore(args, c, lq_np) -> float:
+def bench_restore_ours(args):
     import jax
     from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.parallel import sharding
     from diffrestorer_jax.train.loop import make_schedule
+    fast_threefry_compile()
+    c = config_for(args.smoke, args.restore_batch)
     nets = dr.build_networks(c.model)
     s = int(c.image_size)
+    t0 = time.perf_counter()
     params = sharding.unbox(jax.jit(lambda k: dr.init_params(nets, k, s))(jax.random.PRNGKey(0)))
-    lq = jax.numpy.asarray(lq_np)
-    settings = RestoreSettings(steps=args.steps)
+    jax.block_until_ready(params)
+    print(f"restore_ours: initialised in {time.perf_counter() - t0:.0f}s", flush=True)
+    lq = jax.numpy.asarray(np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32))
+    settings = RestoreSettings(steps=args.steps, batch_mode="vmap")
     sched = make_schedule(c)
 
     def ours():
         jax.block_until_ready(restore(nets, params, lq, jax.random.PRNGKey(0), sched, settings)["image"])
-    return timed(ours, max(1, args.reps // 3))
+    t = timed(ours, max(1, args.reps // 3))
+    record(args, part="restore_ours", device=device_name(), batch=args.restore_batch, steps=args.steps,
+           batch_s=t, images_per_s=args.restore_batch / t)
 
 
-def bench_restore(args):
-    c = config_for(args.smoke, args.restore_batch)
-    s = int(c.image_size)
-    lq = np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32)
-    t_ours = _ours_restore(args, c, lq)
-    print(f"restore ours ({args.steps} steps): {t_ours:.2f} s/batch, {args.restore_batch / t_ours:.2f} images/s",
-          flush=True)
-
-    t_th = torch_restore(c, args, lq)
-    print(f"restore PyTorch: {t_th:.2f} s/batch, {args.restore_batch / t_th:.2f} images/s; "
-          f"ours/PyTorch time {t_ours / t_th:.2f}x", flush=True)
-    return t_ours, t_th
-
-
-def torch_restore(c, args, lq_nhwc) -> float:
+def bench_restore_torch(args):
     import diffusers
     import torch
     import transformers
+    c = config_for(args.smoke, args.restore_batch)
+    s = int(c.image_size)
+    lq_nhwc = np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.float32 if args.smoke else torch.bfloat16
     m = c.model
     unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.unet).items()}
     vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.vae).items()}
-    unet = diffusers.UNet2DConditionModel(**unet_cfg)
-    control = diffusers.ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=tuple(m.control["conditioning_channels"]))
-    vae = diffusers.AutoencoderKL(**vae_cfg)
     cc = dict(m.clip)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=cc["hidden_size"], intermediate_size=cc["intermediate_size"],
-        num_hidden_layers=cc["num_hidden_layers"], num_attention_heads=cc["num_attention_heads"],
-        image_size=cc["image_size"], patch_size=cc["patch_size"], hidden_act=cc["hidden_act"],
-        attn_implementation="sdpa"))
     ctx, hid = unet_cfg["cross_attention_dim"], m.prompt["hidden_dim"]
     nn = torch.nn
-    sem = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
-                        nn.Linear(hid, hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01), nn.Linear(hid, ctx))
-    deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
-                        nn.Linear(hid, ctx))
-    mods = [unet, control, vae, clip, sem, deg]
-    for mod in mods:
+    with torch.device(dev):  # random init straight on the card: the CPU init of SD 1.5 is slow
+        unet = diffusers.UNet2DConditionModel(**unet_cfg)
+        control = diffusers.ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(m.control["conditioning_channels"]))
+        vae = diffusers.AutoencoderKL(**vae_cfg)
+        clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=cc["hidden_size"], intermediate_size=cc["intermediate_size"],
+            num_hidden_layers=cc["num_hidden_layers"], num_attention_heads=cc["num_attention_heads"],
+            image_size=cc["image_size"], patch_size=cc["patch_size"], hidden_act=cc["hidden_act"],
+            attn_implementation="sdpa"))
+        sem = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
+                            nn.Linear(hid, hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01), nn.Linear(hid, ctx))
+        deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
+                            nn.Linear(hid, ctx))
+    for mod in (unet, control, vae, clip, sem, deg):
         mod.to(dev, dt).eval()
     sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     clip_sample=False, set_alpha_to_one=False)
@@ -214,7 +262,34 @@ def torch_restore(c, args, lq_nhwc) -> float:
         if dev == "cuda":
             torch.cuda.synchronize()
         return img
-    return timed(run, max(1, args.reps // 3))
+    t = timed(run, max(1, args.reps // 3))
+    record(args, part="restore_torch", device=device_name(), batch=args.restore_batch, steps=args.steps,
+           batch_s=t, images_per_s=args.restore_batch / t)
+
+
+def summary(path: str):
+    """Side by side from a --results file; the last line is the RESULTS.md row."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    by = {r["part"]: r for r in rows}
+    att = [r for r in rows if r["part"] == "attention"]
+
+    def fig(part, key, fmt):
+        return fmt.format(by[part][key]) if part in by else "—"
+    for what, key, fmt in (("train", "images_per_s", "{:.2f}"), ("train", "mfu", "{:.1%}"),
+                           ("restore", "images_per_s", "{:.2f}")):
+        o, t = by.get(f"{what}_ours"), by.get(f"{what}_torch")
+        ratio = f"; ours/PyTorch {o[key] / t[key]:.2f}x" if o and t else ""
+        print(f"{what} {key}: ours {fig(what + '_ours', key, fmt)}, PyTorch {fig(what + '_torch', key, fmt)}{ratio}")
+    err = max((r["max_abs_err"] for r in att), default=float("nan"))
+    card = next((r["device"] for r in rows if "device" in r), "?")
+    print(f"| {time.strftime('%Y-%m-%d')} | {card} | {fig('train_ours', 'images_per_s', '{:.2f}')} / "
+          f"{fig('train_torch', 'images_per_s', '{:.2f}')} | {fig('train_ours', 'mfu', '{:.1%}')} / "
+          f"{fig('train_torch', 'mfu', '{:.1%}')} | {fig('restore_ours', 'images_per_s', '{:.2f}')} / "
+          f"{fig('restore_torch', 'images_per_s', '{:.2f}')} | {err:.3g} ({len(att)} shapes) |")
+
+
+RUNNERS = {"attention": check_attention, "train_ours": bench_train_ours, "train_torch": bench_train_torch,
+           "restore_ours": bench_restore_ours, "restore_torch": bench_restore_torch}
 
 
 def main():
@@ -224,23 +299,23 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--skip", default="", help="comma list of attention,train,restore to skip")
+    ap.add_argument("--part", choices=PARTS, action="append",
+                    help="run only this part (repeatable); default: all, in this process")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip")
+    ap.add_argument("--results", default="", help="append each part's figures here (JSON lines)")
+    ap.add_argument("--summary", default="", help="print the side-by-side table of a --results file and exit")
+    ap.add_argument("--train_flops", type=float, default=0.0,
+                    help="model FLOPs of one train step, if already known (skips counting them)")
     args = ap.parse_args()
+    if args.summary:
+        summary(args.summary)
+        return
     if args.smoke:
         args.batch, args.restore_batch, args.steps, args.reps = 2, 2, 2, 1
-    import jax
-    import torch
-    dev = jax.devices()[0]
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    print(f"device: jax {dev.device_kind} ({dev.platform}), torch {name}; jax {jax.__version__}, "
-          f"torch {torch.__version__}; peak bf16 {peak_flops(name) / 1e12:.0f} TFLOP/s", flush=True)
     skip = set(filter(None, args.skip.split(",")))
-    if "attention" not in skip:
-        check_attention(args.smoke)
-    if "train" not in skip:
-        bench_train(args, name)
-    if "restore" not in skip:
-        bench_restore(args)
+    for part in args.part or PARTS:
+        if part not in skip:
+            RUNNERS[part](args)
 
 
 if __name__ == "__main__":
