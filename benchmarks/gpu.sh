@@ -2,9 +2,9 @@
 # One-GPU benchmark: ours vs diffusers PyTorch on the same card in one run (< 10 min on one H100).
 #   bash benchmarks/gpu.sh [extra gpu_bench.py flags, e.g. --batch 16 --restore_batch 8]
 # Prints the card, then runs benchmarks/gpu_bench.py one part per process: the cuDNN attention
-# check, the stage-1 train step at 512^2 bf16 (ours, then PyTorch: images/s and MFU), restore at
-# 512^2 with 50 DDIM steps (ours, then PyTorch: images/s), and last the side-by-side summary whose
-# final line is the benchmarks/RESULTS.md row. Output is also saved to benchmarks/gpu_results_<card>.txt.
+# check; ours: the stage-1 train step at 512^2 bf16 (images/s and MFU) and restore at 512^2 with 50
+# DDIM steps (images/s); the same two in PyTorch; last the side-by-side summary whose final line is
+# the benchmarks/RESULTS.md row. Output is also saved to benchmarks/gpu_results_<card>.txt.
 # Environment:
 #   GPU_BENCH_BUDGET   seconds for all parts together (default 560); a part gets what is left, up
 #                      to its own cap, and parts that no longer fit are reported as skipped
@@ -37,9 +37,14 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 rm -f "$results"
 budget=${GPU_BENCH_BUDGET:-560}
 start=$SECONDS
+# The model-FLOP count for MFU runs on the host CPU beside the GPU parts (minutes at SD 1.5 size).
+JAX_PLATFORMS=cpu timeout "$budget" $PY benchmarks/gpu_bench.py --part flops --results "$results" "$@" \
+  > /tmp/gpu_bench_flops.log 2>&1 &
+flops_pid=$!
 # part:cap seconds. Each side of a comparison runs alone on the card; the torch parts keep JAX
-# from taking GPU memory in case it gets imported.
-for pc in attention:45 train_ours:240 train_torch:90 restore_ours:180 restore_torch:90; do
+# from taking GPU memory in case it gets imported. Ours go first: their compiles are the long,
+# uncertain part (on an H100 the PyTorch parts took 34 and 38 s, model building included).
+for pc in attention:30 train_ours:260 restore_ours:150 train_torch:60 restore_torch:60; do
   part=${pc%%:*} cap=${pc##*:}
   left=$((budget - (SECONDS - start) - 10))
   ((left < cap)) && cap=$left
@@ -51,5 +56,6 @@ for pc in attention:45 train_ours:240 train_torch:90 restore_ours:180 restore_to
   rc=$?
   echo "== $part: rc $rc in $((SECONDS - t0))s$( ((rc == 124)) && echo ' (timed out)')"
 done
+wait $flops_pid || echo "== flops: rc $? (no MFU figures; see /tmp/gpu_bench_flops.log)"
 echo "== summary"
 if [ -s "$results" ]; then $PY benchmarks/gpu_bench.py --summary "$results"; else echo "no part produced a figure"; fi

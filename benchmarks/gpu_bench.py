@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,7 +50,7 @@ def timed(fn, reps: int) -> float:
     return float(np.median(ts))
 
 
-PARTS = ("attention", "train_ours", "train_torch", "restore_ours", "restore_torch")
+PARTS = ("flops", "attention", "train_ours", "train_torch", "restore_ours", "restore_torch")
 
 
 def record(args, **values):
@@ -117,12 +118,19 @@ def train_batch(args, c):
             "index": np.arange(args.batch, dtype=np.int32), "type_id": np.zeros(args.batch, np.int32)}
 
 
-def train_flops(args, c) -> float:
-    """Model FLOPs of one step (XLA's count on the CPU, no remat recompute); --train_flops skips it."""
-    if args.train_flops:
-        return args.train_flops
-    from diffrestorer_jax.parallel import aot
-    return aot.model_flops_train(c, paired=True)
+def count_train_flops(args):
+    """Model FLOPs of one train step: XLA's count of the step lowered for the CPU, without remat
+    recompute. Minutes of host time at SD 1.5 size, so gpu.sh runs it beside the GPU parts, and the
+    train parts' MFU is worked out from it in --summary (or at once with --train_flops)."""
+    if not args.train_flops:
+        from diffrestorer_jax.parallel import aot
+        args.train_flops = aot.model_flops_train(config_for(args.smoke, args.batch), paired=True)
+    record(args, part="flops", batch=args.batch, train_flops=args.train_flops)
+
+
+def mfu_now(args, step_s: float, name: str) -> dict:
+    """{'mfu': ...} when --train_flops is given, else {} (--summary fills it from the flops part)."""
+    return {"mfu": args.train_flops / step_s / peak_flops(name)} if args.train_flops else {}
 
 
 def fast_threefry_compile():
@@ -154,11 +162,9 @@ def bench_train_ours(args):
         holder[0], m = compiled(holder[0], frozen, gb)
         jax.block_until_ready(m["loss"])
     t = timed(ours, args.reps)
-    flops = train_flops(args, c)
     name = device_name()
     record(args, part="train_ours", device=name, batch=args.batch, step_ms=t * 1e3,
-           images_per_s=args.batch / t, tflop_per_image=flops / args.batch / 1e12,
-           mfu=flops / t / peak_flops(name), init_and_compile_s=compile_s)
+           images_per_s=args.batch / t, init_and_compile_s=compile_s, **mfu_now(args, t, name))
 
 
 def bench_train_torch(args):
@@ -177,10 +183,9 @@ def bench_train_torch(args):
         if dev == "cuda":
             torch.cuda.synchronize()
     t = timed(theirs, args.reps)
-    flops = train_flops(args, c)
     name = device_name()
     record(args, part="train_torch", device=name, batch=args.batch, step_ms=t * 1e3,
-           images_per_s=args.batch / t, mfu=flops / t / peak_flops(name))
+           images_per_s=args.batch / t, **mfu_now(args, t, name))
 
 
 def bench_restore_ours(args):
@@ -271,14 +276,18 @@ def summary(path: str):
     """Side by side from a --results file; the last line is the RESULTS.md row."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
     by = {r["part"]: r for r in rows}
+    for part in ("train_ours", "train_torch"):  # MFU from the flops part where the run had none
+        r, f = by.get(part), by.get("flops")
+        if r and "mfu" not in r and f and f["batch"] == r["batch"]:
+            r["mfu"] = f["train_flops"] / (r["step_ms"] / 1e3) / peak_flops(r["device"])
     att = [r for r in rows if r["part"] == "attention"]
 
     def fig(part, key, fmt):
-        return fmt.format(by[part][key]) if part in by else "—"
+        return fmt.format(by[part][key]) if key in by.get(part, {}) else "—"
     for what, key, fmt in (("train", "images_per_s", "{:.2f}"), ("train", "mfu", "{:.1%}"),
                            ("restore", "images_per_s", "{:.2f}")):
-        o, t = by.get(f"{what}_ours"), by.get(f"{what}_torch")
-        ratio = f"; ours/PyTorch {o[key] / t[key]:.2f}x" if o and t else ""
+        o, t = by.get(f"{what}_ours", {}), by.get(f"{what}_torch", {})
+        ratio = f"; ours/PyTorch {o[key] / t[key]:.2f}x" if key in o and key in t else ""
         print(f"{what} {key}: ours {fig(what + '_ours', key, fmt)}, PyTorch {fig(what + '_torch', key, fmt)}{ratio}")
     err = max((r["max_abs_err"] for r in att), default=float("nan"))
     card = next((r["device"] for r in rows if "device" in r), "?")
@@ -288,7 +297,7 @@ def summary(path: str):
           f"{fig('restore_torch', 'images_per_s', '{:.2f}')} | {err:.3g} ({len(att)} shapes) |")
 
 
-RUNNERS = {"attention": check_attention, "train_ours": bench_train_ours, "train_torch": bench_train_torch,
+RUNNERS = {"flops": count_train_flops, "attention": check_attention, "train_ours": bench_train_ours, "train_torch": bench_train_torch,
            "restore_ours": bench_restore_ours, "restore_torch": bench_restore_torch}
 
 
@@ -305,7 +314,7 @@ def main():
     ap.add_argument("--results", default="", help="append each part's figures here (JSON lines)")
     ap.add_argument("--summary", default="", help="print the side-by-side table of a --results file and exit")
     ap.add_argument("--train_flops", type=float, default=0.0,
-                    help="model FLOPs of one train step, if already known (skips counting them)")
+                    help="model FLOPs of one train step, if already known: MFU at once, no flops part")
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
@@ -313,9 +322,13 @@ def main():
     if args.smoke:
         args.batch, args.restore_batch, args.steps, args.reps = 2, 2, 2, 1
     skip = set(filter(None, args.skip.split(",")))
+    if not args.results:  # all parts in this process: keep the figures for the summary at the end
+        args.results = os.path.join(tempfile.mkdtemp(prefix="gpu_bench_"), "results.jsonl")
     for part in args.part or PARTS:
         if part not in skip:
             RUNNERS[part](args)
+    if not args.part:
+        summary(args.results)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,18 @@ def test_summary_marks_a_missing_side(tmp_path, capsys):
     assert out[-1].endswith("| H100 | — / 41.10 | — / 15.9% | — / — | nan (0 shapes) |")
 
 
+def test_summary_works_out_mfu_from_the_flops_part(tmp_path, capsys):
+    rows = [{"part": "flops", "batch": 16, "train_flops": 6.4e13},
+            {"part": "train_ours", "device": "NVIDIA H100 80GB HBM3", "batch": 16, "step_ms": 200.0,
+             "images_per_s": 80.0},
+            {"part": "train_torch", "device": "NVIDIA H100 80GB HBM3", "batch": 16, "step_ms": 400.0,
+             "images_per_s": 40.0}]
+    gpu_bench.summary(write(tmp_path / "r.jsonl", rows))
+    out = capsys.readouterr().out.splitlines()
+    # 6.4e13 FLOP / 0.2 s / 989e12 FLOP/s = 32.4%; PyTorch half of that
+    assert "train mfu: ours 32.4%, PyTorch 16.2%; ours/PyTorch 2.00x" in out
+
+
 def test_peak_flops_by_card_name():
     assert gpu_bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_bench.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
