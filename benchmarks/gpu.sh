@@ -20,7 +20,8 @@ results="benchmarks/gpu_results_${card}.jsonl"
 exec > >(tee "$log") 2>&1  # everything below, versions included, lands in the log too
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader
 if [ -n "${GPU_BENCH_WHEELS:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_bench_site "$GPU_BENCH_WHEELS"/*.whl || exit 1
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_bench_site \
+    "$GPU_BENCH_WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/gpu_bench_site${PYTHONPATH:+:$PYTHONPATH}
 else
   $PY -c "import jax, sys; sys.exit(0 if jax.devices()[0].platform == 'gpu' else 1)" 2>/dev/null \
