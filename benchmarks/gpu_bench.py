@@ -15,7 +15,8 @@
    prompt MLPs + a diffusers DDIM loop over ControlNet + UNet + the VAE decoder (the plain VAE decoder:
    our degradation-aware decoder has extra RDB fusion, so ours does slightly more work). Both sides
    batched: ours with `batch_mode='vmap'` (the CLI's default 'map' runs images one by one). images/s.
-Weights are random (timing does not depend on them). benchmarks/gpu.sh runs each side of each
+Weights are random (timing does not depend on them); ours are drawn on the host by default
+(`--init host`: a jitted random init takes minutes to compile at SD 1.5 size). benchmarks/gpu.sh runs each side of each
 figure in its own process (`--part`), so neither framework's memory pool squeezes the other, and a
 part that fails or runs out of time leaves the others' numbers; `--summary` puts them side by side.
 `--smoke` runs all of it on CPU at the tiny config with 2 sampler steps and 1 timed repetition, to
@@ -27,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -141,6 +143,22 @@ def fast_threefry_compile():
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
 
 
+def host_weights(abstract, seed: Optional[int]):
+    """Timing-only values for an abstract tree: float leaves N(0, 0.02^2) drawn on the host (zeros
+    with seed None), other leaves zeros, each placed with its leaf's sharding. Nothing to compile,
+    unlike the jitted random init (see fast_threefry_compile)."""
+    import jax
+    rng = np.random.default_rng(seed)
+
+    def leaf(a):
+        if seed is not None and np.issubdtype(a.dtype, np.floating):
+            x = (rng.standard_normal(a.shape, np.float32) * 0.02).astype(a.dtype)
+        else:
+            x = np.zeros(a.shape, a.dtype)
+        return jax.device_put(x, getattr(a, "sharding", None))
+    return jax.tree.map(leaf, abstract)
+
+
 def bench_train_ours(args):
     import jax
     fast_threefry_compile()
@@ -149,23 +167,30 @@ def bench_train_ours(args):
     batch = train_batch(args, c)
     t0 = time.perf_counter()
     run = Run(c, "/tmp/gpu_bench_run")
-    state, frozen = run.init()
-    jax.block_until_ready(state)
+    if args.init == "host":  # optimizer moments, step and key zero; weights random
+        st = run.plan.state_target
+        state = host_weights(st, None).replace(params=host_weights(st.params, 0), ema=host_weights(st.ema, 0))
+        frozen = host_weights(run.plan.frozen_target, 1)
+    else:
+        state, frozen = run.init()
+    jax.block_until_ready((state, frozen))
     print(f"train_ours: initialised in {time.perf_counter() - t0:.0f}s", flush=True)
     compiled = run.compile(batch)
     compile_s = time.perf_counter() - t0
     print(f"train_ours: compiled at {compile_s:.0f}s", flush=True)
     gb = global_batch(batch, run.batch_shardings)
-    holder = [state]
+    holder = [state, None]
     del state
 
     def ours():
-        holder[0], m = compiled(holder[0], frozen, gb)
-        jax.block_until_ready(m["loss"])
+        holder[0], holder[1] = compiled(holder[0], frozen, gb)
+        jax.block_until_ready(holder[1]["loss"])
     t = timed(ours, args.reps)
     name = device_name("jax")
+    # loss and skipped: the steps did real updates (a non-finite loss would skip them)
     record(args, part="train_ours", device=name, batch=args.batch, step_ms=t * 1e3,
-           images_per_s=args.batch / t, init_and_compile_s=compile_s, **mfu_now(args, t, name))
+           images_per_s=args.batch / t, init_and_compile_s=compile_s, loss=float(holder[1]["loss"]),
+           skipped=int(holder[1]["skipped"]), **mfu_now(args, t, name))
 
 
 def bench_train_torch(args):
@@ -200,7 +225,11 @@ def bench_restore_ours(args):
     nets = dr.build_networks(c.model)
     s = int(c.image_size)
     t0 = time.perf_counter()
-    params = sharding.unbox(jax.jit(lambda k: dr.init_params(nets, k, s))(jax.random.PRNGKey(0)))
+    init = lambda k: dr.init_params(nets, k, s)  # noqa: E731
+    if args.init == "host":
+        params = host_weights(sharding.unbox(jax.eval_shape(init, jax.random.PRNGKey(0))), 0)
+    else:
+        params = sharding.unbox(jax.jit(init)(jax.random.PRNGKey(0)))
     jax.block_until_ready(params)
     print(f"restore_ours: initialised in {time.perf_counter() - t0:.0f}s", flush=True)
     lq = jax.numpy.asarray(np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32))
@@ -315,6 +344,9 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip")
     ap.add_argument("--results", default="", help="append each part's figures here (JSON lines)")
     ap.add_argument("--summary", default="", help="print the side-by-side table of a --results file and exit")
+    ap.add_argument("--init", choices=("host", "jit"), default="host",
+                    help="our weights: 'host' random arrays put on the device (nothing to compile), "
+                         "'jit' the real jitted random init (slow to compile at SD 1.5 size)")
     ap.add_argument("--train_flops", type=float, default=0.0,
                     help="model FLOPs of one train step, if already known: MFU at once, no flops part")
     args = ap.parse_args()
