@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU benchmark: ours vs diffusers PyTorch on the same card in one run (< 10 min on one H100).
+# One-GPU benchmark: ours vs diffusers PyTorch on the same card in one run (parts share a 560 s budget).
 #   bash benchmarks/gpu.sh [extra gpu_bench.py flags, e.g. --batch 16 --restore_batch 8]
 # Prints the card, then runs benchmarks/gpu_bench.py one part per process: the cuDNN attention
 # check; ours: the stage-1 train step at 512^2 bf16 (images/s and MFU) and restore at 512^2 with 50

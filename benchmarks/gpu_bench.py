@@ -169,7 +169,8 @@ def bench_train_ours(args):
     run = Run(c, "/tmp/gpu_bench_run")
     if args.init == "host":  # optimizer moments, step and key zero; weights random
         st = run.plan.state_target
-        state = host_weights(st, None).replace(params=host_weights(st.params, 0), ema=host_weights(st.ema, 0))
+        state = host_weights(st.replace(params=None, ema=None), None).replace(  # None: no leaves
+            params=host_weights(st.params, 0), ema=host_weights(st.ema, 0))
         frozen = host_weights(run.plan.frozen_target, 1)
     else:
         state, frozen = run.init()
