@@ -208,3 +208,17 @@ def test_large_buckets_are_tiled(ckpt):
     assert Restorer.from_export(ckpt, Options(tile=8, tile_overlap=2)).settings_for((64, 64)).tile == 8
     with pytest.raises(RestoreError, match="multiple of 2"):
         Restorer.from_export(ckpt, Options(tile=7))
+
+
+def test_samples_option_reaches_the_program_settings(ckpt):
+    """--samples K becomes RestoreSettings.samples (the averaged posterior draws, tested in
+    test_restore_pipeline.py); K < 1 is refused before anything is compiled."""
+    import argparse
+    from diffrestorer_jax.infer.runner import Options, RestoreError, Restorer, add_options, options_from_args
+    p = argparse.ArgumentParser()
+    add_options(p)
+    options = options_from_args(p.parse_args(["--samples", "4"]))
+    assert Restorer.from_export(ckpt, options).settings_for((64, 64)).samples == 4
+    assert Restorer.from_export(ckpt, Options()).settings_for((64, 64)).samples == 1
+    with pytest.raises(RestoreError, match="--samples must be >= 1"):
+        Restorer.from_export(ckpt, Options(samples=0))

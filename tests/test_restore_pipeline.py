@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from diffrestorer_jax.diffusion.schedules import make_schedule
+from diffrestorer_jax.infer import pipeline
 from diffrestorer_jax.infer.pipeline import Knobs, RestoreSettings, restore
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel.sharding import unbox
@@ -106,6 +107,23 @@ def test_tiled_close_to_untiled_without_seams(setup, first_run):
     grad_t = np.abs(np.diff(tiled, axis=1)).mean(axis=(0, 2, 3))
     grad_w = np.abs(np.diff(whole, axis=1)).mean(axis=(0, 2, 3))
     assert (grad_t - grad_w).max() < 0.05
+
+
+def test_samples_average_the_posterior_draws(setup, first_run):
+    """samples=2: the mean of the two draws keyed by sample_keys(image key, 2), each one the very
+    single-sample restoration of that key; they differ, so the average really mixes two draws."""
+    nets, params, schedule = setup
+    lq, _ = first_run
+    two = restore(nets, params, lq[:1], jax.random.PRNGKey(7), schedule,
+                  dataclasses.replace(SETTINGS, samples=2), KNOBS, image_ids=jnp.array([10]))["image"]
+    one = jax.jit(lambda k: pipeline._restore_one(nets, params, schedule, SETTINGS, KNOBS, k, lq[:1])[0])
+    keys = pipeline.sample_keys(jax.random.fold_in(jax.random.PRNGKey(7), 10), 2)
+    draws = [np.asarray(one(k)[0]) for k in keys]
+    assert np.abs(draws[0] - draws[1]).mean() > 1e-3
+    np.testing.assert_allclose(np.asarray(two[0]), (draws[0] + draws[1]) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        restore(nets, params, lq[:1], jax.random.PRNGKey(7), schedule,
+                dataclasses.replace(SETTINGS, samples=0), KNOBS)
 
 
 def test_bad_size_is_a_clear_error(setup):
