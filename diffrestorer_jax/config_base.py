@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
         # decoder_sample_steps N > 0: 'predicted' is an N-step DDIM sample from noise instead
         decoder_latents="mixed", decoder_predicted_prob=0.5, decoder_max_timestep=0, decoder_sample_steps=0,
         decoder_pixel_loss="l1",  # or 'psnr': mean log10 MSE per image (train/stage2.py)
+        # stages 1 and 2: random intensity levels of clean images before degrading them, with this
+        # probability per image (0 = off; data/photometric.py)
+        hq_levels_prob=0.0, hq_levels_min_contrast=0.3,
         kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
 

@@ -278,3 +278,18 @@ def test_stage2_rejects_negative_sample_steps():
     from diffrestorer_jax.train import stage2
     with pytest.raises(ValueError, match="decoder_sample_steps=-1"):
         stage2.make_step(dr.build_networks(c.model), c, None, loop.make_schedule(c), None, None, lpips=())
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_hq_levels_option_traces_in_both_stages(tmp_path, stage):
+    """train.hq_levels_prob > 0 (data/photometric.py, tested there) wires into both stages' steps:
+    the step traces with it on a synthetic batch (shapes only: no compile, no weights)."""
+    from diffrestorer_jax.parallel import sharding
+    c = small_config(stage)
+    c.train.hq_levels_prob = 0.5
+    run = loop.Run(c, str(tmp_path), jax.devices()[:1], FAST)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in run.example_batch().items()}
+    with sharding.mesh_context(run.mesh, run.rules):
+        new_state, metrics = jax.eval_shape(run.step_fn, run.plan.state_target, run.plan.frozen_target, batch)
+    assert metrics["loss"].shape == ()
+    assert jax.tree.structure(new_state) == jax.tree.structure(run.plan.state_target)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffrestorer_jax.data import degradations
+from diffrestorer_jax.data import degradations, photometric
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.diffusion.losses import diffusion_loss
 from diffrestorer_jax.models import diffrestorer as dr
@@ -49,6 +49,23 @@ def lq_and_labels(config, degrade_fn, batch, key):
     return lq, labels
 
 
+def augment_hq(config, batch, keys):
+    """The batch's HQ images with `train.hq_levels_prob` random intensity levels (data/photometric.py)
+    on the examples that are degraded on device (a paired example's LQ is fixed, so its HQ is too)."""
+    hq = batch["hq"].astype(jnp.float32)
+    prob = float(config.train.get("hq_levels_prob", 0.0))
+    if prob <= 0.0 or ("lq" in batch and "has_lq" not in batch):
+        return hq
+    out = photometric.random_levels(keys, hq, prob, float(config.train.get("hq_levels_min_contrast", 0.3)))
+    if "has_lq" in batch:
+        out = jnp.where(batch["has_lq"].astype(bool)[:, None, None, None], hq, out)
+    return out
+
+
+def uses_hq_levels(config) -> bool:
+    return float(config.train.get("hq_levels_prob", 0.0)) > 0.0
+
+
 def noisy_latents(nets, schedule, vae_params, hq, keys_lat, keys_t, keys_noise, max_t=None):
     """(z_0, noise, t, z_t) with per-example randomness; t uniform in [0, max_t or T)."""
     z0 = dr.encode_latents(nets, vae_params, hq, example_keys=keys_lat)
@@ -66,9 +83,14 @@ def make_step(nets: dr.Networks, config, tx, schedule):
     lr_fn = optim.make_schedule(st.optimizer_config(tcfg))
     accum = max(1, int(tcfg.grad_accum_steps))
 
+    levels = uses_hq_levels(config)
+
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
+        keys = st.step_keys(state, batch["index"], 5 if levels else 4)  # 4: the keys as before the option
+        k_deg, k_lat, k_t, k_noise = keys[:4]
+        if levels:
+            batch = dict(batch, hq=augment_hq(config, batch, keys[4]))
         hq = batch["hq"].astype(jnp.float32)
-        k_deg, k_lat, k_t, k_noise = st.step_keys(state, batch["index"], 4)
         lq, labels = lq_and_labels(config, degrade_fn, batch, k_deg)
         z0, noise, t, z_t = noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise)
         tokens = jax.lax.stop_gradient(dr.clip_tokens(nets, frozen["clip"], lq))

@@ -108,12 +108,18 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
         raise ValueError(f"train.decoder_sample_steps={sample_steps}: use 0 (one-step estimates) or a "
                          "number of DDIM steps")
 
+    levels = stage1.uses_hq_levels(config)
+
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
+        n_keys = 2 if p_predicted == 0.0 else 5
+        keys = st.step_keys(state, batch["index"], n_keys + (1 if levels else 0))
+        if levels:  # the extra key comes last, so the other draws are those of a run without it
+            batch = dict(batch, hq=stage1.augment_hq(config, batch, keys[n_keys]))
         hq = batch["hq"].astype(jnp.float32)
         if p_predicted == 0.0:
-            k_deg, k_lat = st.step_keys(state, batch["index"], 2)
+            k_deg, k_lat = keys[:2]
         else:
-            k_deg, k_lat, k_t, k_noise, k_mix = st.step_keys(state, batch["index"], 5)
+            k_deg, k_lat, k_t, k_noise, k_mix = keys[:5]
         lq, _ = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
         prompts = dr.visual_prompts(nets, frozen["prompt"], dr.clip_tokens(nets, frozen["clip"], lq))
         if p_predicted == 0.0:
