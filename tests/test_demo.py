@@ -29,6 +29,9 @@ def test_held_out_split_is_disjoint():
     assert set(demo_photos.HELD_OUT) == {"coffee", "rocket"}
     assert not set(demo_photos.TRAIN) & set(demo_photos.HELD_OUT)
     assert len(demo_photos.TRAIN) == 10
+    # the photos the demo's settings are chosen on: neither trained on nor the evaluation
+    assert not set(demo_photos.VALIDATION) & (set(demo_photos.TRAIN) | set(demo_photos.HELD_OUT))
+    assert demo_photos.load_photos(demo_photos.VALIDATION, 16).shape == (4, 16, 16, 3)
 
 
 def test_demo_gallery_and_metrics(tmp_path):

@@ -1,10 +1,11 @@
 """The demo's photos: scikit-image's bundled pictures, split into a training set and a held-out set.
 
 The demo model (`make demo-train`) trains only on `TRAIN`; `make demo` evaluates on `HELD_OUT`
-(coffee, rocket), which the model never saw. Every training path that reads the bundled photos
+(coffee, rocket), which the model never saw; the demo's restore settings are chosen on `VALIDATION`,
+which it never saw either. Every training path that reads the bundled photos
 (`config.data.kind = "skimage"`, `launch/demo_train.sh`) must take them from here.
 
-Grayscale pictures (brick, grass, gravel) are repeated to three channels; the stereo pair
+Grayscale pictures (brick, grass, gravel and the validation photos) are repeated to three channels; the stereo pair
 (motorcycle_left / motorcycle_right) comes from `skimage.data.stereo_motorcycle()`.
 """
 from typing import Dict, Sequence
@@ -14,6 +15,10 @@ import numpy as np
 TRAIN = ("astronaut", "chelsea", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "retina",
          "ihc", "brick", "grass", "gravel")
 HELD_OUT = ("coffee", "rocket")
+# Never trained on and never the demo's evaluation: the photos on which the demo's restore settings are
+# chosen (the remaining natural photos that scikit-image bundles offline; all grayscale, so repeated to
+# three channels like brick, grass and gravel).
+VALIDATION = ("camera", "coins", "moon", "clock")
 
 # name -> (skimage.data function, index into its tuple result or None)
 _SOURCES: Dict[str, tuple] = {
@@ -22,6 +27,7 @@ _SOURCES: Dict[str, tuple] = {
     "hubble_deep_field": ("hubble_deep_field", None), "retina": ("retina", None),
     "ihc": ("immunohistochemistry", None), "brick": ("brick", None), "grass": ("grass", None),
     "gravel": ("gravel", None), "coffee": ("coffee", None), "rocket": ("rocket", None),
+    "camera": ("camera", None), "coins": ("coins", None), "moon": ("moon", None), "clock": ("clock", None),
 }
 
 
@@ -50,7 +56,7 @@ def load_photos(names: Sequence[str], size: int) -> np.ndarray:
 
 def train_photos(size: int) -> np.ndarray:
     """The training set (never the held-out photos)."""
-    assert not set(TRAIN) & set(HELD_OUT)
+    assert not set(TRAIN) & (set(HELD_OUT) | set(VALIDATION)) and not set(HELD_OUT) & set(VALIDATION)
     return load_photos(TRAIN, size)
 
 
