@@ -49,7 +49,7 @@ def test_demo_gallery_and_metrics(tmp_path):
     assert names[-1] == "mixed" and len(names) == 9
     for r in data["rows"]:
         assert r["type"] in text
-        for k in ("psnr_degraded", "psnr_restored"):
+        for k in ("psnr_degraded", "psnr_restored", "psnr_change"):
             assert np.isfinite(r[k]) and 3.0 < r[k] < 80.0, r
         for k in ("ssim_degraded", "ssim_restored"):
             assert -1.0 <= r[k] <= 1.0, r
