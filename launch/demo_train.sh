@@ -57,10 +57,13 @@ stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export"
 # samples (the latents `make demo` hands it) half and half: trained on VAE(HQ) latents alone it trusted
 # the sampler's poor latents and lost 10-17 dB against the input. It fuses the LQ image itself and
 # outputs a correction of it (image_fusion_base=lq), trained for per-image PSNR (decoder_pixel_loss=psnr)
-# so a mildly degraded input weighs as much as a heavily degraded one. See demo/README.md.
+# so a mildly degraded input weighs as much as a heavily degraded one. Half its clean crops get random
+# intensity levels (hq_levels_prob: narrower, brighter or darker ranges) before they are degraded:
+# without them it took low-contrast clean photos (a white clock face, a rocket at night) for haze or low
+# light and shifted their brightness, losing 2-20 dB on them. See demo/README.md.
 stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_step=1000000 \
   --config.train.decoder_sample_steps=10 --config.model.decoder.image_fusion_base=lq \
-  --config.train.decoder_pixel_loss=psnr
+  --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.5
 
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
