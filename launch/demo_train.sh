@@ -60,7 +60,7 @@ stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export"
 # so a mildly degraded input weighs as much as a heavily degraded one. Half its clean crops get random
 # intensity levels (hq_levels_prob: narrower, brighter or darker ranges) before they are degraded:
 # without them it took low-contrast clean photos (a white clock face, a rocket at night) for haze or low
-# light and shifted their brightness, losing 2-20 dB on them. See demo/README.md.
+# light and shifted their brightness, losing up to 30 dB on them. See demo/README.md.
 stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_step=1000000 \
   --config.train.decoder_sample_steps=10 --config.model.decoder.image_fusion_base=lq \
   --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.5

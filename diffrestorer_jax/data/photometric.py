@@ -5,7 +5,7 @@
 Why: a low-contrast clean photo, bright (a white clock face) or dark (a rocket against a night sky),
 looks like a hazy or a dark one. A model that never saw such clean images takes them for haze or low
 light and shifts their brightness even when they are only mildly degraded (the tiny demo model did:
--2 to -20 dB on mild types for such photos). Remapping some clean images to narrower, brighter or
+up to 30 dB lost on mild types for such a photo). Remapping some clean images to narrower, brighter or
 darker ranges shows the model clean images of that look, degraded like any other; the clean target
 moves with them, so the task stays "undo the degradation", never "restore the contrast".
 """
