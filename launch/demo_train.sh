@@ -11,8 +11,8 @@
 # Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
 # close-ups, written to a folder); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for ~1-1.5 hours on a small CPU (the shipped checkpoint: ~4400 s on a 2-core
-# CPU VM, see demo/README.md; compiling is a minute or two of each stage).
+# Step counts are sized for about an hour on a small CPU (from scratch: 3924 s on a 2-core CPU VM, see
+# demo/README.md; compiling is a minute or two of each stage).
 # Override them with the environment:
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
@@ -65,6 +65,13 @@ stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_
   --config.train.decoder_sample_steps=10 --config.model.decoder.image_fusion_base=lq \
   --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.5
 
+# The data is indexed by step and every key derives from the seed, so a re-run can give the very
+# same parameters: on the machine that trained the shipped checkpoint it did, bit for bit (other CPUs
+# may round differently). Say whether this run did, before replacing it.
+if [ -d "$OUT" ]; then
+  echo "== this run against the checkpoint it replaces ($OUT):"
+  "$PY" launch/compare_exports.py "$OUT" "$RUN_DIR/stage2/export" || true
+fi
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
 cp -r "$RUN_DIR/stage2/export" "$OUT"

@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -80,3 +81,22 @@ def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rule
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path, target=target)
     return config, nets, {n: params[n] for n in names}
+
+
+def compare_exports(a: str, b: str) -> Dict[str, float]:
+    """Largest absolute parameter difference per network between two exports (0.0: bit for bit
+    the same). Raises ValueError if they hold differently shaped networks (other configs)."""
+    _, _, params_a = load_export(a)
+    _, _, params_b = load_export(b)
+    diffs = {}
+    for name in dr.NETWORKS:
+        shapes_a = jax.tree.map(lambda x: x.shape, params_a[name])
+        shapes_b = jax.tree.map(lambda x: x.shape, params_b[name])
+        if shapes_a != shapes_b:
+            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
+                             "nothing to compare")
+        leaf_diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)),
+                                                              initial=0.0)),
+                                  params_a[name], params_b[name])
+        diffs[name] = max(jax.tree.leaves(leaf_diffs), default=0.0)
+    return diffs
