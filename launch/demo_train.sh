@@ -66,8 +66,8 @@ stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_
   --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.5
 
 # The data is indexed by step and every key derives from the seed, so a re-run can give the very
-# same parameters: on the machine that trained the shipped checkpoint it did, bit for bit (other CPUs
-# may round differently). Say whether this run did, before replacing it.
+# same parameters: a from-scratch run on a 2-core CPU VM gave the shipped ones bit for bit (demo/README.md;
+# other CPUs may round differently). Say whether this run did, before replacing it.
 if [ -d "$OUT" ]; then
   echo "== this run against the checkpoint it replaces ($OUT):"
   "$PY" launch/compare_exports.py "$OUT" "$RUN_DIR/stage2/export" || true

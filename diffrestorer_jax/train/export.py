@@ -95,8 +95,8 @@ def compare_exports(a: str, b: str) -> Dict[str, float]:
         if shapes_a != shapes_b:
             raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
                              "nothing to compare")
-        leaf_diffs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)),
-                                                              initial=0.0)),
-                                  params_a[name], params_b[name])
-        diffs[name] = max(jax.tree.leaves(leaf_diffs), default=0.0)
+        def max_abs_diff(x, y):
+            return float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)), initial=0.0))
+        diffs[name] = max(jax.tree.leaves(jax.tree.map(max_abs_diff, params_a[name], params_b[name])),
+                          default=0.0)
     return diffs
