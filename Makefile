@@ -28,11 +28,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(RUNTIME)
-	$(PY) launch/demo.py
+	$(VENV)/bin/diffrestorer-demo
 
 # Recreate demo/checkpoint from scratch (prior_vae -> prior_unet -> stage1 -> stage2); see demo/README.md.
 demo-train: $(RUNTIME)
-	PY=$(PY) launch/demo_train.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" launch/demo_train.sh
 
 clean:
 	rm -rf $(VENV) demo_out

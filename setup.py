@@ -27,6 +27,18 @@ setup(
         "tensorboardX",
         "numpy",
     ],
+    # Every command; `launch/` keeps only the shell scripts for pods, SLURM and the demo's training.
+    entry_points={"console_scripts": [
+        "diffrestorer-train = diffrestorer_jax.cli.train:run",
+        "diffrestorer-restore = diffrestorer_jax.cli.restore:main",
+        "diffrestorer-evaluate = diffrestorer_jax.cli.evaluate:main",
+        "diffrestorer-convert = diffrestorer_jax.cli.convert:main",
+        "diffrestorer-build-dataset = diffrestorer_jax.cli.build_dataset:main",
+        "diffrestorer-aot = diffrestorer_jax.cli.aot:run",
+        "diffrestorer-demo = diffrestorer_jax.cli.demo:main",
+        "diffrestorer-compare-exports = diffrestorer_jax.cli.compare_exports:main",
+        "diffrestorer-degradation-gallery = diffrestorer_jax.cli.degradation_gallery:main",
+    ]},
     extras_require={
         # PyTorch references for parity tests; torch 2.13.0 is the CPU wheel.
         "test": ["pytest>=8", "pytest-xdist", "portpicker", "torch==2.13.0", "diffusers>=0.42",

@@ -7,12 +7,9 @@ float32, batch 1; the three run interleaved (ours, ours, torch, ...) after one w
 training step), and checks our gradients against XLA's.
 """
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 

@@ -23,17 +23,15 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 # Our attention implementation: 'auto' (what users get: on CPU the blocked flash-style path where one
 # head's scores outgrow the cache, XLA's below) or 'xla' (the reference everywhere); --attention sets it.
 ATTENTION = "auto"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("unet", "control_unet", "vae_decode", "clip", "train")
 
 
@@ -60,11 +58,8 @@ def interleaved(fns, reps: int):
 
 
 def get_config(size: str):
-    if size == "tiny":
-        from configs.tiny import get_config as g
-    else:
-        from configs.sd15 import get_config as g
-    c = g("stage1")
+    from diffrestorer_jax.config_base import load_config_file
+    c = load_config_file(os.path.join(REPO, "configs", f"{'tiny' if size == 'tiny' else 'sd15'}.py:stage1"))
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
     c.model.attention_impl = ATTENTION
@@ -232,19 +227,20 @@ class Bench:
 
 
 class TrainPair:
-    """One stage-1 step, ours (train/loop.Run's compiled step) and the same graph in PyTorch."""
+    """One stage-1 step, ours (train.run.Run's compiled step) and the same graph in PyTorch."""
 
     def __init__(self, b: Bench):
         self.b = b
 
     def ours(self):
         import jax
-        from diffrestorer_jax.train.loop import Run, global_batch
+        from diffrestorer_jax.data.sources import global_batch
+        from diffrestorer_jax.train.run import Run
         c = self.b.config.copy_and_resolve_references()
         c.train.batch_size = self.b.hq.shape[0]
         c.image_size = self.b.latent * self.b.factor
         c.model.control = dict(c.model.control, use_film=False)
-        run = Run(c, os.path.join(self.b.tmp, "run"))
+        run = Run(c)
         state, frozen = run.init()
         n = self.b.hq.shape[0]
         batch = {"hq": self.b.hq, "lq": self.b.lq, "index": np.arange(n, dtype=np.int32),
@@ -356,7 +352,8 @@ def main():
     import jax
     import torch
 
-    import diffrestorer_jax  # noqa: F401  (puts its XLA CPU setting in XLA_FLAGS before JAX starts: xla_cpu.py)
+    from diffrestorer_jax import xla_cpu
+    xla_cpu.set_cpu_defaults()  # the XLA CPU setting the commands run with (xla_cpu.py)
     print(f"machine: {machine()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}); torch {torch.__version__}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)

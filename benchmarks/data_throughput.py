@@ -14,14 +14,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffrestorer_jax.data import degradations, pipeline  # noqa: E402
-from diffrestorer_jax.data.gallery import sample_photos, square  # noqa: E402
-from diffrestorer_jax.data.image_io import write_png  # noqa: E402
+from diffrestorer_jax.data.gallery import sample_photos  # noqa: E402
+from diffrestorer_jax.data.image_io import square, write_png  # noqa: E402
 from diffrestorer_jax.data.tfds.build import build_dataset, load_source  # noqa: E402
 
 

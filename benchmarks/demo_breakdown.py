@@ -2,7 +2,7 @@
 
     python benchmarks/demo_breakdown.py --checkpoint demo/checkpoint --photos astronaut chelsea
 
-Degrades the photos as `launch/demo.py` does (same types, same seed) and prints the mean PSNR
+Degrades the photos as `diffrestorer-demo` does (same types, same seed) and prints the mean PSNR
 against the clean photo of:
   lq        the degraded input
   vae_hq    the plain VAE decode of VAE(HQ): what the latent path alone can reach
@@ -16,13 +16,10 @@ decoder's. Use training photos (the default) to choose things; the held-out ones
 """
 import argparse
 import os
-import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-
-import numpy as np  # noqa: E402
 
 
 def main():
@@ -33,11 +30,12 @@ def main():
     ap.add_argument("--strength", type=float, default=None, help="default: the demo's")
     args = ap.parse_args()
     import jax
-    import demo
+    from diffrestorer_jax import export
+    from diffrestorer_jax.diffusion.schedules import from_config
     from diffrestorer_jax.metrics.psnr_ssim import psnr
     from diffrestorer_jax.models import diffrestorer as dr
-    from diffrestorer_jax.train import export, stage2
-    from diffrestorer_jax.train.loop import make_schedule
+    from diffrestorer_jax.tools import demo
+    from diffrestorer_jax.train import stage2
 
     settings = dict(demo.DEMO_SETTINGS)
     settings.update({k: v for k, v in (("fidelity", args.fidelity), ("strength", args.strength)) if v is not None})
@@ -47,7 +45,7 @@ def main():
     hq_flat = np.repeat(clean, n_types, 0)
     lq_flat = lq.reshape((-1,) + lq.shape[2:])
 
-    schedule = make_schedule(config)
+    schedule = from_config(config.diffusion)
     ctl = config.model.control
 
     @jax.jit

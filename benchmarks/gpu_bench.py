@@ -9,7 +9,7 @@
 2. Stage-1 train step at 512^2, bfloat16 compute (float32 masters), paired LQ given (no on-device
    degradation, so both sides do the same work): ours = train/stage1's compiled step; theirs = the same
    graph in PyTorch (benchmarks/cpu_vs_torch.TrainPair) under torch.autocast(bfloat16).
-   images/s, and MFU = model FLOPs (XLA's HLO count of the step without remat, see parallel/aot.py)
+   images/s, and MFU = model FLOPs (XLA's HLO count of the step without remat, see tools/aot.py)
    / time / the card's peak dense bf16 FLOP/s.
 3. Restore at 512^2 with `--steps` DDIM steps: ours = infer/pipeline.restore; theirs = CLIP + the
    prompt MLPs + a diffusers DDIM loop over ControlNet + UNet + the VAE decoder (the plain VAE decoder:
@@ -25,14 +25,11 @@ check the script, not to measure.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "cpu": float("nan")}
 
@@ -101,11 +98,9 @@ def check_attention(args):
 
 
 def config_for(smoke: bool, batch: int):
-    if smoke:
-        from configs.tiny import get_config
-    else:
-        from configs.sd15 import get_config
-    c = get_config("stage1")
+    from diffrestorer_jax.config_base import load_config_file
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config_file(os.path.join(repo, "configs", f"{'tiny' if smoke else 'sd15'}.py:stage1"))
     c.model.dtype = "float32" if smoke else "bfloat16"
     c.model.control = dict(c.model.control, use_film=False)
     c.train.batch_size = batch
@@ -162,11 +157,12 @@ def host_weights(abstract, seed: Optional[int]):
 def bench_train_ours(args):
     import jax
     fast_threefry_compile()
-    from diffrestorer_jax.train.loop import Run, global_batch
+    from diffrestorer_jax.data.sources import global_batch
+    from diffrestorer_jax.train.run import Run
     c = config_for(args.smoke, args.batch)
     batch = train_batch(args, c)
     t0 = time.perf_counter()
-    run = Run(c, "/tmp/gpu_bench_run")
+    run = Run(c)
     if args.init == "host":  # optimizer moments, step and key zero; weights random
         st = run.plan.state_target
         state = host_weights(st.replace(params=None, ema=None), None).replace(  # None: no leaves
@@ -220,7 +216,7 @@ def bench_restore_ours(args):
     from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.parallel import sharding
-    from diffrestorer_jax.train.loop import make_schedule
+    from diffrestorer_jax.diffusion.schedules import from_config
     fast_threefry_compile()
     c = config_for(args.smoke, args.restore_batch)
     nets = dr.build_networks(c.model)
@@ -235,7 +231,7 @@ def bench_restore_ours(args):
     print(f"restore_ours: initialised in {time.perf_counter() - t0:.0f}s", flush=True)
     lq = jax.numpy.asarray(np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32))
     settings = RestoreSettings(steps=args.steps, batch_mode="vmap")
-    sched = make_schedule(c)
+    sched = from_config(c.diffusion)
 
     def ours():
         jax.block_until_ready(restore(nets, params, lq, jax.random.PRNGKey(0), sched, settings)["image"])

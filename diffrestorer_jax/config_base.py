@@ -5,6 +5,9 @@ Configs are ml_collections ConfigDicts (big_vision style): `configs/<name>.py` d
 use the field names of the reference implementations (diffusers config.json, transformers
 CLIPVisionConfig), so a converted checkpoint's config can be dropped in as it is.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -82,10 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
         kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
 
-    # Training data (train/loop.py `make_data`); crops are image_size, batches train.batch_size.
+    # Training data (data/sources.py `make_data`); crops are image_size, batches train.batch_size.
     #   kind 'skimage'    the bundled demo photos, in memory
     #        'hq_folder'  the images in hq_dir, in memory (small sets; LQ synthesised on device)
-    #        'tfds'       datasets built by launch/build_dataset.py into tfds_dir, read by the grain
+    #        'tfds'       datasets built by diffrestorer-build-dataset into tfds_dir, read by the grain
     #                     pipeline (data/pipeline.py): tfds_kinds 'hq_folder' (degraded on device),
     #                     'paired' (real LQ + type label) or 'hq_folder,paired' (a mixture sampled
     #                     by mix_weights, e.g. '1,1'; empty = equal), from split `split`.
@@ -101,3 +104,15 @@ def base_config() -> ml_collections.ConfigDict:
     # (logical name, mesh axes) pairs overriding diffrestorer_jax.parallel.rules.DEFAULT_RULES by name.
     c.logical_axis_rules = ()
     return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """'configs/tiny.py:stage1' -> that file's get_config('stage1'), as `--config` reads it (for
+    scripts that take a config without absl flags, e.g. the benchmarks)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

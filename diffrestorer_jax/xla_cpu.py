@@ -1,14 +1,15 @@
 """The XLA CPU backend setting this project runs with, put into XLA_FLAGS before JAX starts.
 
 jax 0.10's CPU backend hands matmuls, convolutions and elementwise fusions to the YNNPACK library.
-On the x86 CPUs we measured, its convolutions and elementwise loops were slower than XLA's own
-(Eigen convolutions, XLA-fused loops) while its matmuls were faster: giving YNNPACK only the matmuls
-took the SD 1.5 UNet forward at a 64x64 latent from 1.19x to 0.84x of PyTorch's time on the same
-machine (benchmarks/RESULTS.md). GPU and TPU backends ignore the flag.
+On x86 its convolutions and elementwise loops were slower than XLA's own while its matmuls were
+faster, so YNNPACK gets only the matmuls (measurements in benchmarks/RESULTS.md). GPU and TPU
+backends ignore the flag.
 
 It only takes effect if set before JAX creates its CPU client (the first computation, not the
-import), which importing `diffrestorer_jax` first guarantees. An explicit choice in XLA_FLAGS wins;
-DIFFRESTORER_XLA_CPU_DEFAULTS=0 leaves XLA_FLAGS alone (e.g. for a jaxlib without the flag).
+import): the commands (`diffrestorer_jax.cli`) call `set_cpu_defaults()` first thing in their main;
+a program of your own can do the same. Importing the package changes nothing. An explicit choice in
+XLA_FLAGS wins; DIFFRESTORER_XLA_CPU_DEFAULTS=0 leaves XLA_FLAGS alone (e.g. for a jaxlib without
+the flag).
 """
 import os
 from typing import MutableMapping

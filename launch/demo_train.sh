@@ -17,7 +17,7 @@
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+# The commands come from the project's venv (make demo-train puts .venv/bin first on PATH).
 RUN_DIR=${RUN_DIR:-workdir_demo}
 OUT=${OUT:-demo/checkpoint}
 VAE_STEPS=${VAE_STEPS:-400}
@@ -35,7 +35,7 @@ COMMON=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTO
 
 start=$(date +%s)
 mkdir -p "$RUN_DIR"
-"$PY" -m diffrestorer_jax.data.demo_photos "$PHOTOS"
+python -m diffrestorer_jax.cli.demo_photos "$PHOTOS"
 
 stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
   local name=$1 steps=$2 lr=$3 init=$4
@@ -43,7 +43,7 @@ stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
   local t0
   t0=$(date +%s)
   echo "== $name: $steps steps, lr $lr, init_from '${init}' ($(date -u +%H:%M:%S) UTC)"
-  "$PY" launch/train.py --config "$CONFIG:$name" --workdir "$RUN_DIR/$name" "${COMMON[@]}" \
+  diffrestorer-train --config "$CONFIG:$name" --workdir "$RUN_DIR/$name" "${COMMON[@]}" \
     --config.train.num_steps="$steps" --config.train.learning_rate="$lr" \
     --config.weights.init_from="$init" "$@"
   echo "== $name took $(( $(date +%s) - t0 )) s"
@@ -70,7 +70,7 @@ stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_
 # other CPUs may round differently). Say whether this run did, before replacing it.
 if [ -d "$OUT" ]; then
   echo "== this run against the checkpoint it replaces ($OUT):"
-  "$PY" launch/compare_exports.py "$OUT" "$RUN_DIR/stage2/export" || true
+  diffrestorer-compare-exports "$OUT" "$RUN_DIR/stage2/export" || true
 fi
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"

@@ -3,7 +3,7 @@
 #
 #   sbatch --nodes=2 launch/train_slurm.sh configs/sd15.py:stage1 /shared/runs/sd15_s1 [--config.x=y]
 #
-# JAX's SLURM detection (used by jax.distributed.initialize() in launch/train.py when
+# JAX's SLURM detection (used by jax.distributed.initialize() in diffrestorer-train when
 # SLURM_NTASKS > 1) reads the coordinator, process count and id from the SLURM env; we also set
 # them explicitly so the launch works where auto-detection does not. WORKDIR must be on a shared
 # filesystem. Resubmitting the same job resumes from the latest checkpoint; SLURM's SIGTERM before
@@ -24,4 +24,4 @@ export JAX_NUM_PROCESSES="$SLURM_NTASKS"
 # One task per GPU: each sees one device; JAX_PROCESS_ID comes from the task's rank.
 srun --kill-on-bad-exit=1 bash -c '
   export JAX_PROCESS_ID=$SLURM_PROCID CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
-  exec python launch/train.py --config="$0" --workdir="$1" "${@:2}"' "$CONFIG" "$WORKDIR" "$@"
+  exec diffrestorer-train --config="$0" --workdir="$1" "${@:2}"' "$CONFIG" "$WORKDIR" "$@"

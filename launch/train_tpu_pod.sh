@@ -5,7 +5,7 @@
 #     launch/train_tpu_pod.sh configs/sd15.py:stage1 [--config.x=y ...]
 #
 # The same command runs on all workers (--worker=all). Each worker's JAX finds its peers from the
-# TPU metadata: launch/train.py calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
+# TPU metadata: diffrestorer-train calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
 # several hosts. WORKDIR must be shared storage (a GCS bucket): Orbax writes each host's shards
 # there, and a re-run of this script resumes from the latest checkpoint (e.g. after preemption:
 # SIGTERM makes every host save at the same step and exit 0).
@@ -17,4 +17,4 @@ EXTRA=$(printf ' %q' "$@")
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "
   cd ~/diffrestorer_jax && . .venv/bin/activate &&
-  python launch/train.py --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee -a ~/train.log"
+  diffrestorer-train --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee -a ~/train.log"

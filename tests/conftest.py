@@ -1,14 +1,18 @@
-"""Test session setup: 8 fake CPU devices (for the sharding tests) and float32 matmuls.
+"""Test session setup: 8 fake CPU devices (for the sharding tests), the XLA CPU setting the commands
+run with (xla_cpu.py), and float32 matmuls.
 
-XLA_FLAGS must be set before jax is imported anywhere, so it lives here. The tests compile many small
-programs and run each a few times, so XLA's CPU backend optimisations (LLVM passes) cost far more
-than they save: level 0 roughly halves compile time and computes the same maths.
+XLA_FLAGS must be set before JAX starts, so it lives here. The tests compile many small programs and
+run each a few times, so XLA's CPU backend optimisations (LLVM passes) cost far more than they save:
+level 0 roughly halves compile time and computes the same maths.
 """
 import os
+
+from diffrestorer_jax import xla_cpu
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+xla_cpu.set_cpu_defaults()
 
 import jax  # noqa: E402
 

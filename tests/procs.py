@@ -1,7 +1,8 @@
-"""Run JAX worker scripts as subprocesses: own env (device count), own log file, free ports.
+"""Run JAX workers and the installed commands as subprocesses: own env (device count), own log
+file, free ports.
 
-Not a test file: the harness behind test_checkpoint / test_multiprocess, reusable for the real
-training loop (`launch/train.py` can be started exactly like a worker script).
+Not a test file: the harness behind test_checkpoint / test_multiprocess (a worker script in tests/)
+and the tests of the real commands (`command("diffrestorer-train")`, started the same way).
 """
 import os
 import re
@@ -15,6 +16,19 @@ import portpicker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
+
+
+def command(name: str) -> List[str]:
+    """The installed console script `name` (`pip install -e .` puts it beside this Python) as argv."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the commands are installed by `pip install -e .` (make install)")
+    return [path]
+
+
+def script(name: str) -> List[str]:
+    """A worker script in tests/ as argv."""
+    return [sys.executable, os.path.join(TESTS, name)]
 
 
 def worker_env(num_devices: int, **extra: str) -> Dict[str, str]:
@@ -38,12 +52,13 @@ def distributed_envs(num_processes: int, devices_per_process: int) -> List[Dict[
 
 
 class Worker:
-    """One python subprocess whose stdout+stderr go to `log_path` (no pipe to fill up and block)."""
+    """One subprocess (argv from `command` or `script`, then `args`) whose stdout+stderr go to
+    `log_path` (no pipe to fill up and block)."""
 
-    def __init__(self, script: str, args: Sequence[str], env: Dict[str, str], log_path: str):
+    def __init__(self, argv: Sequence[str], args: Sequence[str], env: Dict[str, str], log_path: str):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, script, *map(str, args)], env=env, cwd=REPO,
+        self.proc = subprocess.Popen([*argv, *map(str, args)], env=env, cwd=REPO,
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
@@ -78,14 +93,14 @@ class Worker:
             self.proc.wait()
 
 
-def run_workers(script: str, args: Sequence[Sequence[str]], envs: Sequence[Dict[str, str]],
+def run_workers(argv: Sequence[str], args: Sequence[Sequence[str]], envs: Sequence[Dict[str, str]],
                 log_dir: str, timeout: float = 300.0) -> List[tuple]:
     """Start one worker per (args, env) at once, wait for all; [(returncode, output), ...].
 
     Any worker left running at the timeout (e.g. peers of a crashed process blocked in a collective)
     is killed, so a failing test never leaves orphans.
     """
-    workers = [Worker(script, a, e, os.path.join(log_dir, f"worker_{i}.log"))
+    workers = [Worker(argv, a, e, os.path.join(log_dir, f"worker_{i}.log"))
                for i, (a, e) in enumerate(zip(args, envs))]
     deadline = time.time() + timeout
     results = []
@@ -101,8 +116,3 @@ def run_workers(script: str, args: Sequence[Sequence[str]], envs: Sequence[Dict[
         for w in workers:
             w.kill()
     return results
-
-
-def script(name: str) -> str:
-    """Absolute path of a worker script in tests/."""
-    return os.path.join(TESTS, name)

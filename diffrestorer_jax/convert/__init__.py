@@ -8,7 +8,7 @@
 
 Each returns `(module, params)`; `module.apply({'params': params}, ...)` takes NHWC images.
 A single file (.safetensors / .ckpt) is read as a CompVis/LDM Stable Diffusion checkpoint; a folder
-written by `launch/convert.py` (our converted format, see converted.py) loads without torch.
+written by `diffrestorer-convert` (our converted format, see converted.py) loads without torch.
 """
 import os
 

@@ -1,6 +1,6 @@
 """Our own on-disk format for converted weights: an Orbax checkpoint of the params and, beside it,
 `flax_module.json` naming the module class and its fields. Converting a 3.4 GB SD UNet from PyTorch
-takes a while; doing it once (`launch/convert.py`) and loading this format afterwards skips the
+takes a while; doing it once (`diffrestorer-convert`) and loading this format afterwards skips the
 renaming/transposing, and needs neither torch nor the original files.
 """
 import dataclasses

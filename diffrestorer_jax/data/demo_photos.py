@@ -8,9 +8,12 @@ which it never saw either. Every training path that reads the bundled photos
 Grayscale pictures (brick, grass, gravel and the validation photos) are repeated to three channels; the stereo pair
 (motorcycle_left / motorcycle_right) comes from `skimage.data.stereo_motorcycle()`.
 """
+import os
 from typing import Dict, Sequence
 
 import numpy as np
+
+from diffrestorer_jax.data.image_io import square, write_png
 
 TRAIN = ("astronaut", "chelsea", "motorcycle_left", "motorcycle_right", "hubble_deep_field", "retina",
          "ihc", "brick", "grass", "gravel")
@@ -50,7 +53,6 @@ def load_photo(name: str) -> np.ndarray:
 
 def load_photos(names: Sequence[str], size: int) -> np.ndarray:
     """Photos centre-cropped square and resized to size x size: float32 [N, size, size, 3]."""
-    from diffrestorer_jax.data.gallery import square
     return np.stack([square(load_photo(n), size) for n in names]).astype(np.float32)
 
 
@@ -60,17 +62,10 @@ def train_photos(size: int) -> np.ndarray:
     return load_photos(TRAIN, size)
 
 
-def held_out_photos(size: int) -> np.ndarray:
-    return load_photos(HELD_OUT, size)
-
-
 def write_training_folder(out_dir: str, size: int = 192, tiles: int = 2) -> int:
     """Write the training set as PNGs for `config.data.kind = "hq_folder"`: each photo centre-cropped
     square at `size`, plus its `tiles` x `tiles` grid of sub-squares (each at `size`), so the tiny
     model sees both whole-scene and close-up scales. Returns the number of files written."""
-    import os
-    from diffrestorer_jax.data.gallery import square
-    from diffrestorer_jax.data.image_io import write_png
     os.makedirs(out_dir, exist_ok=True)
     count = 0
     for name in TRAIN:
@@ -88,12 +83,3 @@ def write_training_folder(out_dir: str, size: int = 192, tiles: int = 2) -> int:
                 count += 1
     return count
 
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="write the demo's training photos (never the held-out ones)")
-    parser.add_argument("out_dir")
-    parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--tiles", type=int, default=2)
-    args = parser.parse_args()
-    print(f"wrote {write_training_folder(args.out_dir, args.size, args.tiles)} training photos to {args.out_dir}")

@@ -1,6 +1,6 @@
 """Read any reasonable image file as float32 RGB in [0, 1]; refuse the rest with one clear error.
 
-Documented behaviour for odd inputs (each has a test in tests/test_image_io.py):
+Documented behaviour for odd inputs (each has a test in tests/unit/test_image_io.py):
   - EXIF orientation is applied, so the array is upright as a viewer shows it;
   - grayscale (1, L, I, I;16, F) is replicated to RGB; 16-bit data is scaled by 65535, not clipped;
   - alpha (RGBA, LA, PA, palette with transparency) is composited on white: transparent pixels of
@@ -20,6 +20,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 PathLike = Union[str, os.PathLike]
+
+# File name endings taken for images wherever folders are scanned (restore, datasets, training).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+
+
+def is_image_name(path: str) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
 class ImageReadError(ValueError):
@@ -126,3 +133,12 @@ def write_png(path: PathLike, image: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def square(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize (antialiased bicubic, via 8 bits) to size x size."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    crop = np.round(np.clip(image[top:top + s, left:left + s, :3], 0, 1) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC), np.float32) / 255.0

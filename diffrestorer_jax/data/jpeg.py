@@ -10,7 +10,7 @@ is reproduced with array ops on static shapes:
 
 This is the path Pillow (libjpeg) takes with its defaults for RGB images (4:2:0, the IJG Annex K
 tables scaled by `jpeg_set_quality` with baseline clamping, fancy upsampling on decode), so the
-outputs agree to within integer-DCT rounding: tests/test_degradations.py checks PSNR >= 30 dB against
+outputs agree to within integer-DCT rounding: tests/unit/test_degradations.py checks PSNR >= 30 dB against
 Pillow on natural photos. Images whose size is not a multiple of 16 are edge-padded (as libjpeg
 pads the last MCU) and cropped back.
 """

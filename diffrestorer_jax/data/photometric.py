@@ -2,12 +2,10 @@
 
     hq' = lo + c * hq,   c ~ U[min_contrast, 1],  lo ~ U[0, 1 - c]   (per image, with probability p)
 
-Why: a low-contrast clean photo, bright (a white clock face) or dark (a rocket against a night sky),
-looks like a hazy or a dark one. A model that never saw such clean images takes them for haze or low
-light and shifts their brightness even when they are only mildly degraded (the tiny demo model did:
-up to 30 dB lost on mild types for such a photo). Remapping some clean images to narrower, brighter or
-darker ranges shows the model clean images of that look, degraded like any other; the clean target
-moves with them, so the task stays "undo the degradation", never "restore the contrast".
+A low-contrast clean photo, bright (a white clock face) or dark (a night sky), looks like a hazy or a
+dark one; a model that never saw such clean images shifts their brightness. Remapped clean images
+are degraded like any other and the clean target moves with them, so the task stays "undo the
+degradation", never "restore the contrast".
 """
 import jax
 import jax.numpy as jnp

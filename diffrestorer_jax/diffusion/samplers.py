@@ -1,34 +1,17 @@
 """Samplers (DDPM, DDIM, DPM-Solver++ 2M) as pure functions whose whole loop is one `lax.scan`.
 
-Each step reproduces the matching diffusers scheduler's `step` (same formulas, same float32 order of
-operations), configured as Stable Diffusion 1.5 ships it: scaled-linear betas, `steps_offset=1`,
-`clip_sample=False`, `set_alpha_to_one=False`, DDPM variance "fixed_small". Timestep spacing
-defaults to what each diffusers class does with SD's config: 'leading' for DDPM/DDIM, 'linspace'
-for DPM-Solver++ (SD's config has no `timestep_spacing` key, so the class default applies).
+Each step reproduces the matching diffusers scheduler's `step` as Stable Diffusion 1.5 ships it
+(scaled-linear betas, `steps_offset=1`, no sample clipping, DDPM variance "fixed_small"; timestep
+spacing 'leading' for DDPM/DDIM, 'linspace' for DPM-Solver++), so converted weights sample as they
+do in diffusers.
 
-Model convention. `model_fn(x_t, t)` is pure and jittable; `t` is an int32 vector with one
-timestep per row of `x_t`. Without guidance (`guidance_scale=None`) it is called on x_t as is.
-With classifier-free guidance it is called ONCE on the doubled batch concat([x_t, x_t]) and must
-return the unconditional outputs in the first half and the conditional ones in the second half
-(build it with the context concat([uncond_ctx, cond_ctx]), as diffusers pipelines do); then
-out = uncond + s * (cond - uncond). `s` is a traced scalar, so new scales never recompile.
-
-Jitting. `sampler`, `num_steps`, `strength`, `timestep_spacing` and `steps_offset` fix the scan's
-length and its timestep tables, so they are static; x_T, key, schedule arrays, eta, guidance_scale
-and start_latent are traced. Typical use binds the network parameters inside the jitted function:
-
-    @jax.jit
-    def generate(params, x_T, key, scale):
-        model_fn = lambda x, t: unet.apply(params, x, t, context)
-        return sample(model_fn, x_T, key, schedule, sampler="ddim", num_steps=50,
-                      guidance_scale=scale)
-
-Randomness: the noise of step i (its index in the full num_steps schedule) is
-normal(fold_in(key, i)), so a run is reproducible and independent of any global state.
-
-img2img (`start_latent`, `strength`): as diffusers' StableDiffusionImg2ImgPipeline, skip the first
-num_steps - int(num_steps * strength) steps and start from start_latent noised (with x_T as the
-noise) to the first remaining timestep.
+`model_fn(x_t, t)` is pure and jittable, `t` one int32 timestep per row. With classifier-free
+guidance it is called once on concat([x_t, x_t]) and returns [unconditional; conditional] outputs;
+out = uncond + s * (cond - uncond) with `s` traced. `sampler`, `num_steps`, `strength`,
+`timestep_spacing` and `steps_offset` are static (they fix the scan); everything else is traced.
+Step i's noise is normal(fold_in(key, i)). With `start_latent` and `strength` < 1 (img2img, as
+diffusers' pipeline) the first steps are skipped and sampling starts from start_latent noised to the
+first remaining timestep.
 """
 from __future__ import annotations
 
@@ -111,8 +94,8 @@ def start_index(num_steps: int, strength: float) -> int:
 def step_noise(key: jax.Array, step: int | jax.Array, shape) -> jax.Array:
     """The float32 noise a stochastic step i uses: normal(fold_in(key, i)).
 
-    Drawn flat and reshaped: XLA:CPU takes ~10x longer to compile threefry on a 4-D shape than
-    on a 1-D one (measured 18 s vs 2 s), and the distribution is the same.
+    Drawn flat and reshaped: XLA:CPU compiles threefry on a 4-D shape many times slower than on a
+    1-D one, and the distribution is the same.
     """
     flat = jax.random.normal(jax.random.fold_in(key, step), (int(np.prod(shape)),), jnp.float32)
     return flat.reshape(shape)

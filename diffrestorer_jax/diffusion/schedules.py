@@ -96,6 +96,13 @@ def make_schedule(
     )
 
 
+def from_config(diffusion) -> Schedule:
+    """The schedule a run config's `diffusion` section describes (training and restoring share it)."""
+    d = diffusion
+    return make_schedule(str(d.schedule), int(d.num_train_timesteps), float(d.beta_start),
+                         float(d.beta_end), str(d.prediction_type), bool(d.rescale_zero_terminal_snr))
+
+
 def _at(table: jnp.ndarray, t, ndim: int) -> jnp.ndarray:
     """table[t] shaped to broadcast against an ndim-array whose leading axes are t's axes."""
     t = jnp.asarray(t, jnp.int32)

@@ -9,7 +9,7 @@ own size, so the padded input - and with it the output - never depends on the ot
 Images are padded *inside* the bucket by reflection (bottom and right), restored, and cropped back.
 Every batch of a bucket has the same number of rows: the last is filled with copies (discarded).
 """
-from typing import Dict, Hashable, Iterable, List, Sequence, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
@@ -56,19 +56,6 @@ def round_batch(batch_size: int, num_devices: int) -> int:
     """The batch size actually used: rounded up to a multiple of the device count (>= 1 per device)."""
     batch_size = max(1, int(batch_size))
     return -(-batch_size // num_devices) * num_devices
-
-
-def group_by_bucket(sizes: Dict[Hashable, Tuple[int, int]], multiple: int) -> Dict[Bucket, List[Hashable]]:
-    """{bucket: keys in their given order} for items with (height, width) sizes."""
-    groups: Dict[Bucket, List[Hashable]] = {}
-    for key, (h, w) in sizes.items():
-        groups.setdefault(bucket_for(h, w, multiple), []).append(key)
-    return dict(sorted(groups.items()))
-
-
-def chunks(items: Sequence, batch_size: int) -> Iterable[List]:
-    for i in range(0, len(items), batch_size):
-        yield list(items[i:i + batch_size])
 
 
 def fill_batch(arrays: List[np.ndarray], batch_size: int) -> Tuple[np.ndarray, int]:

@@ -14,7 +14,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-DEGRADATION_TYPES = ("motion_blur", "haze", "jpeg", "low_light", "noise", "raindrop", "rain", "snow")
+from diffrestorer_jax.data.degradations import DEGRADATION_TYPES
+
 _NO_FIX_TYPES = ("haze", "low_light")
 
 
@@ -94,7 +95,3 @@ def color_fix(restored, reference, method: str = "wavelet", type_probs: Optional
     keep = should_color_fix(type_probs)[:, None, None, None]
     return jnp.where(keep, fixed, restored.astype(fixed.dtype))
 
-
-def auto_color_fix(restored, reference, type_probs, method: str = "wavelet"):
-    """`color_fix` in automatic mode: never applied where the input looks hazy or dark."""
-    return color_fix(restored, reference, method, type_probs)

@@ -1,24 +1,16 @@
 """Restoration: LQ images -> restored images, the whole of Diff-Restorer in one jitted function.
 
-    restore(nets, params, lq, key, settings, knobs) -> {'image', 'type_probs'}
+    restore(nets, params, lq, key, schedule, settings, knobs) -> {'image', 'type_probs'}
 
 Static (they shape the compiled program; change them and it recompiles): the networks, the input
-shape, and `RestoreSettings` (sampler, steps, strength, tiling, whether CFG runs at all, how many
-posterior samples are averaged).
-Traced (change them freely, never recompiles): the key, image ids, and `Knobs` — guidance scale,
-control scale, decoder fidelity weight, DDIM eta.
+shape, and `RestoreSettings`. Traced (change them freely): the key, image ids, and `Knobs`.
 
-Reproducibility: every image draws its noise from fold_in(key, image_id), and by default
-(`batch_mode='map'`) images go through the networks one at a time (`lax.map`), so each runs the very
-same batch-1 program whatever batch it was in, its position, or how many devices share the batch:
-its output is identical bit for bit. (XLA's CPU kernels round differently for different batch sizes,
-so `vmap` over the batch, `batch_mode='vmap'`, is faster on accelerators but equal only to ~1e-6.)
-With tiling, the noise is drawn for the whole latent first and tiles are cut from it, so the tile
-order does not matter either.
-
-Large images: with `settings.tile` (in latent pixels), every denoising step evaluates all latent tiles
-as one batched call and blends them with Gaussian weights (float32); the decoder then runs tile by
-tile (`lax.map`), so its memory is bounded by the tile, not the image.
+Every image draws its noise from fold_in(key, image_id). With `batch_mode='map'` (the default) images
+go through the networks one at a time (`lax.map`), each running the same batch-1 program wherever it
+sits in a batch, so its output is identical bit for bit; 'vmap' batches them (faster on
+accelerators, equal to ~1e-6). With `settings.tile` (latent pixels) every denoising step evaluates
+the latent tiles and blends them with Gaussian weights (float32), and the decoder runs tile by tile;
+the noise is drawn for the whole latent first, so the tile order does not matter.
 """
 import dataclasses
 import functools
@@ -45,7 +37,7 @@ class RestoreSettings:
     tile_overlap: int = 8  # latent pixels
     context_mode: str = "degradation"
     batch_mode: str = "map"  # map: images one by one, bit-exact per image; vmap: batched, faster
-    samples: int = 1  # posterior samples averaged per image (see _restore_one)
+    samples: int = 1  # posterior samples averaged per image (see restore_one)
 
 
 @struct.dataclass
@@ -68,14 +60,14 @@ def _check_input(nets: dr.Networks, lq, settings: RestoreSettings):
     m = size_multiple(nets)
     if lq.shape[1] % m or lq.shape[2] % m:
         raise ValueError(f"restore: image size {lq.shape[1]}x{lq.shape[2]} is not a multiple of {m}; "
-                         "pad it (launch/restore.py pads and crops back for you)")
+                         "pad it (infer.restorer pads and crops back for you)")
     if settings.tile is not None and settings.tile % (m // nets.vae_factor):
         raise ValueError(f"restore: latent tile {settings.tile} must be a multiple of "
                          f"{m // nets.vae_factor}")
 
 
-def _model_fn(nets, params, prompts, lq, knobs, settings):
-    """model_fn(z_t, t) for the sampler, for ONE image (it runs under vmap over images).
+def denoiser(nets, params, prompts, lq, knobs, settings):
+    """model_fn(z_t, t) for the sampler, for ONE image.
 
     The sampler hands a batch of 1, or of 2 with CFG ([unconditional; conditional], the
     unconditional row using a null semantic prompt while keeping P_D and the LQ control). With
@@ -113,7 +105,7 @@ def _model_fn(nets, params, prompts, lq, knobs, settings):
     return model_fn
 
 
-def _decode(nets, params, z0, lq, prompts, knobs, settings):
+def decode_latents(nets, params, z0, lq, prompts, knobs, settings):
     """Degradation-aware decoding of one image's latent, tile by tile when tiling is on."""
     def dec(z, img, p_d):
         feats = dr.lq_features(nets, params["vae"], img)
@@ -135,12 +127,11 @@ def _decode(nets, params, z0, lq, prompts, knobs, settings):
 
 
 def sample_keys(key: jax.Array, samples: int) -> jax.Array:
-    """The keys of an image's `samples` posterior draws ([samples] keys; one draw uses `key` itself,
-    so samples=1 gives the same image as before the option existed)."""
+    """The keys of an image's `samples` posterior draws ([samples] keys; a single draw uses `key`)."""
     return key[None] if samples == 1 else jax.random.split(key, samples)
 
 
-def _restore_one(nets, params, schedule, settings, knobs, key, lq):
+def restore_one(nets, params, schedule, settings, knobs, key, lq):
     """One image [1, H, W, 3] -> (restored [1, H, W, 3], type probabilities [1, 8]).
 
     With settings.samples = K > 1, K posterior samples are drawn (keys `sample_keys(key, K)`), each
@@ -152,7 +143,7 @@ def _restore_one(nets, params, schedule, settings, knobs, key, lq):
     f = nets.vae_factor
     latent_shape = (1, lq.shape[1] // f, lq.shape[2] // f, nets.latent_channels)
     start = dr.encode_latents(nets, params["vae"], lq) if settings.strength < 1.0 else None
-    model_fn = _model_fn(nets, params, prompts, lq, knobs, settings)
+    model_fn = denoiser(nets, params, prompts, lq, knobs, settings)
 
     def one_sample(k):
         noise_key, sample_key = jax.random.split(k)
@@ -161,7 +152,7 @@ def _restore_one(nets, params, schedule, settings, knobs, key, lq):
                     sampler=settings.sampler, num_steps=settings.steps, eta=knobs.eta,
                     guidance_scale=knobs.guidance_scale if settings.use_cfg else None,
                     start_latent=start, strength=settings.strength)
-        return _decode(nets, params, z0, lq, prompts, knobs, settings)
+        return decode_latents(nets, params, z0, lq, prompts, knobs, settings)
 
     if settings.samples < 1:
         raise ValueError(f"restore: samples must be >= 1, got {settings.samples}")
@@ -186,7 +177,7 @@ def restore(nets: dr.Networks, params: Dict[str, Any], lq: jax.Array, key: jax.A
     _check_input(nets, lq, settings)
     ids = jnp.arange(lq.shape[0]) if image_ids is None else jnp.asarray(image_ids)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-    one = functools.partial(_restore_one, nets, params, schedule, settings, knobs)
+    one = functools.partial(restore_one, nets, params, schedule, settings, knobs)
     per_image = lambda kx: one(kx[0], kx[1][None])  # noqa: E731
     if settings.batch_mode == "map":
         images, probs = jax.lax.map(per_image, (keys, lq))

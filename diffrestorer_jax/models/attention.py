@@ -109,7 +109,7 @@ def _choose(implementation: str, q, k) -> str:
 def _partitioned_by_gspmd() -> bool:
     """True under a mesh (`jax.set_mesh`) with a non-manual axis of size > 1: GSPMD would replicate
     a Pallas call there (every chip computing the whole batch), so 'auto' keeps XLA's attention.
-    Inside `shard_map` (all axes manual, as in the restore runner) the kernel sees its own rows."""
+    Inside `shard_map` (all axes manual, as in the restore program) the kernel sees its own rows."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return False
@@ -260,8 +260,7 @@ def _tiled_attention_bwd(lk, residuals, d_out):
         # Scores transposed ([keys, queries]) so that dV = P^T dO and dK = dS^T Q are plain
         # [bk, bq] x [bq, D] products: XLA's CPU dot runs a transposed left operand several times
         # slower. dQ = dS K needs dS the other way round; the barrier makes XLA copy it into that
-        # layout instead of folding the transpose back into the dot. Together 2.6x faster than
-        # plain [queries, keys] tiles at the tiny UNet's L = 1024 (RESULTS.md).
+        # layout instead of folding the transpose back into the dot (timings: RESULTS.md).
         p_t = jnp.exp(jnp.dot(kb, qc.T, preferred_element_type=f32) - lse_c[None, :])
         if ok is not None:
             p_t = jnp.where(ok[:, None], p_t, 0.0)

@@ -9,7 +9,7 @@ Diff-Restorer uses the patch tokens of the last layer *before* the post-layernor
 (`last_hidden_state[:, 1:]`, (B, 256, 1024) for ViT-L/14 at 224 px; see paper-notes.md).
 """
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Tuple
 
 import flax.linen as nn
 import jax

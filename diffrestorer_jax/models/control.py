@@ -20,13 +20,12 @@ output with them equals the bare UNet.
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
 
 from diffrestorer_jax.models.layers import Conv, Dense, ZeroConv, constrain
-from diffrestorer_jax.models.unet import UNet2DConditionModel, _per_block
+from diffrestorer_jax.models.unet import UNet2DConditionModel, per_block
 from diffrestorer_jax.models.unet_blocks import DOWN_BLOCKS, IMAGE_AXES, REMAT_POLICIES
 
 Dtype = Any
@@ -125,8 +124,8 @@ class ControlModule(UNet2DConditionModel):
         if len(self.conditioning_channels) < 1:
             raise ValueError("ControlNet config: conditioning_channels must list at least one width")
         self.heads_per_block()
-        _per_block(self.layers_per_block, n, "layers_per_block")
-        _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        per_block(self.layers_per_block, n, "layers_per_block")
+        per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
 
     @property
     def cond_factor(self) -> int:
@@ -136,7 +135,7 @@ class ControlModule(UNet2DConditionModel):
     def skip_channels(self) -> Tuple[int, ...]:
         """Channel count of each UNet skip feature, in diffusers' order (conv_in first)."""
         n = len(self.block_out_channels)
-        layers = _per_block(self.layers_per_block, n, "layers_per_block")
+        layers = per_block(self.layers_per_block, n, "layers_per_block")
         out = [self.block_out_channels[0]]
         for i, c in enumerate(self.block_out_channels):
             out += [c] * (layers[i] + (1 if i < n - 1 else 0))

@@ -1,21 +1,13 @@
 """A convolution whose gradients, on CPU, skip XLA's per-step rearrangement of the kernel.
 
-For the gradient of a convolution with respect to its input, XLA CPU convolves the output gradient
-with the kernel flipped in space and with its in/out channels swapped, and it materialises that
-kernel copy on every step. The copy is a badly strided transpose (about 0.4 GB/s on the 2-core
-EPYC we profiled): in the SD 1.5 stage-1 step at a 32x32 latent it took 6.1 s of 22 s, e.g. 250-280 ms
-for each frozen 3x3x2560x1280 kernel of the UNet's lowest up block, whose activation is only 4x4.
-PyTorch pays no such copy.
-
-Where the kernel is large next to the activation, this module computes that gradient instead as
-  Z[n, p, q, a, b, :] = W[a, b] @ dy[n, p, q]        one matmul reading W in its stored layout
-  dx = sum over taps (a, b) of Z[..., a, b, :] shifted to where tap (a, b) read the input,
-which is exact (the same sum, in another order) and reads the kernel once with no copy; and the
-kernel gradient as patches(x)^T @ dy, which comes out in the kernel's HWIO order (XLA's comes out
-as [O, H, W, I] and is transposed too). Elsewhere (large activations, where XLA's convolution is
-faster than the matmul) and on every other platform (`lax.platform_dependent`: GPU / TPU lower
-their own gradients, so ahead-of-time TPU compiles from a CPU host are unaffected), the gradients
-are XLA's own. The forward pass is always XLA's convolution.
+For the input gradient XLA CPU convolves the output gradient with a flipped, channel-swapped copy of
+the kernel that it materialises on every step: a badly strided transpose that costs seconds per
+step for SD's large frozen kernels (benchmarks/RESULTS.md). Where the kernel is large next to the
+activation, this module computes that gradient as one matmul reading the kernel in its stored layout,
+  Z[n, p, q, a, b, :] = W[a, b] @ dy[n, p, q],   dx = sum over taps (a, b) of Z shifted into place,
+(the same sum in another order), and the kernel gradient as patches(x)^T @ dy, in HWIO order.
+Elsewhere, and on every other platform (`lax.platform_dependent`, so AOT compiles for TPU are
+unaffected), the gradients are XLA's own; the forward pass is always XLA's convolution.
 
 Pass `conv_general_dilated` to `flax.linen.Conv(conv_general_dilated=...)`.
 """
@@ -26,13 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 
 # The matmul route is taken when the kernel holds at least this many times more values per output
-# channel than the output gradient has pixels (kh * kw * C_in >= RATIO * N * H_out * W_out).
-# Measured on the profiling machine (3x3 convs, batch 1; time relative to XLA's gradients for the
-# input gradient alone / input and kernel gradients; the ratio kh*kw*C_in / (N*H_out*W_out)):
-#   taken:     1280->1280 at 8x8 (180) 0.21x / 0.47x, at 16x16 (45) 0.44x / 0.62x,
-#              640->640 at 16x16 (22.5) 0.69x / 0.73x
-#   not taken: 640->640 at 32x32 (5.6) 0.96x / 1.17x, 320->320 at 32x32 (2.8) 1.42x / 0.80x,
-#              at 64x64 (0.7) 1.81x / 1.13x.
+# channel than the output gradient has pixels (kh * kw * C_in >= RATIO * N * H_out * W_out): where
+# single-convolution timings showed it faster than XLA's gradients (benchmarks/RESULTS.md).
 MATMUL_ROUTE_RATIO = 16
 
 _NHWC = ("NHWC", "HWIO", "NHWC")

@@ -1,34 +1,18 @@
 """The Degradation-aware Decoder (paper-notes section 5): the SD VAE decoder with the LQ image's
 VAE-encoder features fused in at every level through FiLM-modulated residual dense blocks.
 
-Main path: `post_quant_conv` and `decoder` are the SD VAE's own modules (same names, same params;
-`init_decoder_from_vae` copies them in). At decoder level k (`decoder.up_blocks[k]`, after its
-resnets and before its upsampler) the matching LQ encoder feature F_enc = lq_features[n - 1 - k]
-(same resolution and channels, see `vae.Encoder`) is fused [D]:
+The main path is the SD VAE's own `post_quant_conv` and `decoder` (`init_decoder_from_vae` copies
+them in). At decoder level k, after its resnets, the LQ encoder feature of the same resolution is
+fused [D]:  F <- F_dec + w * ZeroConv1x1(RDB(FiLM_pd(Conv3x3(concat(F_enc, F_dec))))),
+with RDB ESRGAN's residual dense block and FiLM_pd a zero-initialised scale/shift from mean(P_D).
+The zero convs make the decoder equal the SD VAE decoder at init for any fidelity weight w (traced,
+scalar or [N]); w = 0 is the plain VAE decode.
 
-    F <- F_dec + w * ZeroConv1x1(RDB(FiLM_pd(Conv3x3(concat(F_enc, F_dec)))))
-
-RDB is ESRGAN's residual dense block (`rdb_convs` 3x3 convs of growth `rdb_growth`, each fed the
-concatenation of all earlier outputs, LeakyReLU 0.2 but after the last, residual scaled by 0.2);
-FiLM_pd is h * (1 + scale) + shift with (scale, shift) = Dense(mean-pooled P_D), zero-initialised
-(identity at init). The zero-initialised output conv makes the whole decoder equal to the SD VAE
-decoder at init, for any fidelity weight w; w (traced: scalar or [N]) trades fidelity to the LQ
-input against the generative prior at inference, and w = 0 gives back the plain VAE decode.
-
-Optional image-level fusion (`image_fusion_width` > 0, [D], off for the SD configs): one more
-fusion of the same form after the decoder's output conv, with the LQ image itself as F_enc and
-`image_fusion_width` hidden channels. A small VAE that reconstructs clean photos at ~20 dB caps
-every output far below a mildly degraded input (the tiny demo model); this path lets the decoder
-keep what the LQ image already gets right. Zero-initialised like the others, so the init
-invariant (= the SD VAE decoder) and w = 0 still hold.
-`image_fusion_base='lq'` swaps that fusion's two inputs: the LQ image is the main path and the
-decoded image the side input, so the output is the LQ image plus a learned correction,
-
-    out = LQ + w * ZeroConv1x1(RDB(FiLM_pd(Conv3x3(concat(decoded, LQ)))))
-
-which equals the LQ image at init and at w = 0 (not the VAE decode). With a VAE far below a mildly
-degraded input, the default base left those inputs 1.7-5 dB worse even given the HQ latent; this
-base makes "change nothing" the starting point and lets training add only what helps.
+Optional image-level fusion (`image_fusion_width` > 0, off for the SD configs): one more fusion of
+the same form after the output conv, with the LQ image itself as F_enc, for small VAEs whose
+reconstructions are far below a mildly degraded input. `image_fusion_base='lq'` swaps its inputs:
+out = LQ + w * ZeroConv(RDB(FiLM(Conv(concat(decoded, LQ))))), so "change nothing" is where training
+starts (the output equals the LQ image at init and at w = 0).
 """
 from typing import Any, Dict, Mapping, Sequence
 

@@ -45,14 +45,15 @@ class Networks:
         return self.vae.latent_channels
 
 
-def _dtype(name: str):
+def compute_dtype(name: str):
+    """The jnp dtype of a config's `model.dtype` name ('float32', 'bfloat16', 'float16')."""
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
 def build_networks(model_config) -> Networks:
     """All modules from `config.model` (see config_base.py for the fields)."""
     m = model_config
-    kw = dict(dtype=_dtype(m.dtype))
+    kw = dict(dtype=compute_dtype(m.dtype))
     unet_cfg = dict(m.unet)
     unet = UNet2DConditionModel.from_config(unet_cfg, attention_impl=m.attention_impl,
                                             remat_policy=m.remat_policy, **kw)

@@ -58,7 +58,7 @@ _MUST_BE = {
 _INERT = {"dropout", "addition_embed_type_num_heads", "sample_size"}
 
 
-def _per_block(value, n: int, what: str) -> Tuple:
+def per_block(value, n: int, what: str) -> Tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise ValueError(f"UNet config: {what} has {len(value)} entries for {n} blocks: {value}")
@@ -143,14 +143,14 @@ class UNet2DConditionModel(nn.Module):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
         self.heads_per_block()
-        _per_block(self.layers_per_block, n, "layers_per_block")
-        _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        per_block(self.layers_per_block, n, "layers_per_block")
+        per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
 
     def heads_per_block(self) -> Tuple[int, ...]:
         """Attention head count of each down block (diffusers: num_attention_heads or, failing
         that, attention_head_dim; both may be per-block tuples)."""
         heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return _per_block(heads, len(self.block_out_channels), "attention heads")
+        return per_block(heads, len(self.block_out_channels), "attention heads")
 
     @property
     def time_embed_dim(self) -> int:
@@ -171,8 +171,8 @@ class UNet2DConditionModel(nn.Module):
         """time_embedding, conv_in, down_blocks, mid_block: what a ControlNet copies."""
         n = len(self.block_out_channels)
         heads = self.heads_per_block()
-        layers = _per_block(self.layers_per_block, n, "layers_per_block")
-        tlayers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        layers = per_block(self.layers_per_block, n, "layers_per_block")
+        tlayers = per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
         self.time_embedding = TimestepEmbedding(self.time_embed_dim, param_dtype=self.param_dtype)
         self.conv_in = Conv(self.block_out_channels[0], self.conv_in_kernel, dtype=self.dtype,
                             param_dtype=self.param_dtype)
@@ -189,8 +189,8 @@ class UNet2DConditionModel(nn.Module):
         n = len(self.block_out_channels)
         rev = lambda seq: tuple(reversed(seq))  # noqa: E731
         heads = rev(self.heads_per_block())
-        layers = rev(_per_block(self.layers_per_block, n, "layers_per_block"))
-        tlayers = rev(_per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block"))
+        layers = rev(per_block(self.layers_per_block, n, "layers_per_block"))
+        tlayers = rev(per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block"))
         channels = rev(self.block_out_channels)
         self.up_blocks = [
             UP_BLOCKS[t](channels[i], num_layers=layers[i] + 1, transformer_layers=tlayers[i],

@@ -344,8 +344,3 @@ class AutoencoderKL(nn.Module):
         mean, _ = self.encode(x)
         return self.decode(mean)
 
-
-def sample_latent(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """A draw from the diagonal Gaussian posterior: mean + exp(logvar / 2) * noise (noise in float32)."""
-    noise = jax.random.normal(rng, mean.shape, jnp.float32)
-    return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)

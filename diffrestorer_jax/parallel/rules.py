@@ -19,7 +19,7 @@ A mesh axis of size 1 makes its rule a no-op, so the same rules serve one CPU an
 override them with `config.logical_axis_rules = (('embed', 'fsdp'), ...)`; unlisted names are
 replicated.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Tuple, Union
 
 MeshAxes = Union[None, str, Tuple[str, ...]]
 Rules = Tuple[Tuple[str, MeshAxes], ...]
@@ -62,7 +62,3 @@ def get_rules(config=None) -> Rules:
     merged += list(overrides.items())
     return tuple(merged)
 
-
-def mesh_axes_for(name: Optional[str], rules: Sequence = DEFAULT_RULES) -> MeshAxes:
-    """The mesh axes a logical name maps to (None: replicated). For tests and logging."""
-    return dict(rules).get(name, None)

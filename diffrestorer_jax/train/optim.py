@@ -73,8 +73,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """optax.clip_by_global_norm's clipping (none if max_norm <= 0) that keeps the norm in its state.
 
     The train step logs that norm instead of computing its own: a pass over the gradients is not
-    free (on the 2-core CPU we profile, ~2 s of the SD 1.5 stage-1 step for each pass, because XLA
-    CPU writes the squares out before summing them; benchmarks/RESULTS.md)."""
+    free (XLA CPU writes the squares out before summing them; benchmarks/RESULTS.md)."""
     def init(params):
         del params
         return GradNormState(jnp.zeros([], jnp.float32))
@@ -117,11 +116,6 @@ def last_update_finite(opt_state) -> jax.Array:
 def nonfinite_streak(opt_state) -> jax.Array:
     """Consecutive skipped (non-finite) updates so far; 0 after any finite update."""
     return optax.tree_utils.tree_get(opt_state, "notfinite_count")
-
-
-def nonfinite_total(opt_state) -> jax.Array:
-    """All skipped updates over the run (a metric worth logging)."""
-    return optax.tree_utils.tree_get(opt_state, "total_notfinite")
 
 
 def check_nonfinite_streak(opt_state, limit: int, step: Any = None) -> None:

@@ -46,14 +46,6 @@ class PreemptionGuard:
                             signum)
         self._event.set()
 
-    def request_stop(self) -> None:
-        """Ask the loop to stop as if preempted (tests, a user's Ctrl-\\ handler, a time budget)."""
-        self._event.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._event.is_set()
-
     def should_stop(self, step: int) -> bool:
         """True at the step where every host should save and exit."""
         if self._multihost:

@@ -86,7 +86,7 @@ def make_step(nets: dr.Networks, config, tx, schedule):
     levels = uses_hq_levels(config)
 
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
-        keys = st.step_keys(state, batch["index"], 5 if levels else 4)  # 4: the keys as before the option
+        keys = st.step_keys(state, batch["index"], 5 if levels else 4)  # the 5th only with levels
         k_deg, k_lat, k_t, k_noise = keys[:4]
         if levels:
             batch = dict(batch, hq=augment_hq(config, batch, keys[4]))

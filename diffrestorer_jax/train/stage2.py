@@ -2,28 +2,18 @@
 
 One step:
   LQ       = degrade(HQ) (per-example keys) or the paired LQ, as in stage 1
-  z_0      = the latent the decoder gets, by `train.decoder_latents`:
-             'hq'        VAE(HQ) latents (posterior sample): the decoder learns to trust its latent;
-             'predicted' the frozen stage-1 model's one-step estimate of z_0 from z_t = noise(VAE(HQ), t)
-                         at a random t, conditioned on the LQ: latents as wrong as the sampler's can
-                         be, so the decoder learns to correct them from the LQ features;
-             'mixed'     per example, 'predicted' with probability `train.decoder_predicted_prob`.
-             The paper mixes VAE(HQ) latents with latents sampled by the stage-1 model. By default
-             'predicted' is the one-step estimate, which covers the same range of errors (large t:
-             far from HQ, small t: close to it) at the cost of one network call; with
-             `train.decoder_sample_steps` N > 0 it is instead a whole DDIM run of N steps from pure
-             noise (`sampled_latents`): exactly the latents inference at strength 1 hands the decoder,
-             for N more forward passes of the frozen control + UNet per step.
-  features = frozen VAE encoder features of LQ;  P_D = frozen prompt processor(CLIP(LQ))
-  image    = decoder(z_0, features, mean(P_D))
-  loss     = pixel loss + lpips_weight * LPIPS (only when lpips_vgg/lpips_lin are configured)
-             + gan_weight * hinge generator loss, switched on by a traced `step >= gan_start_step`
-The pixel loss (`train.decoder_pixel_loss`): 'l1' (default, [D]) or 'psnr', the mean over images of
-log10(MSE) (= -PSNR / 10): each image weighs by 1 / its own MSE, so an image the decoder already gets
-nearly right counts as much as a badly degraded one. Under L1 the demo's tiny decoder left mildly
-degraded inputs several dB worse even given the HQ latent; 'psnr' is for that.
-The PatchGAN discriminator is updated in the same compiled step (its own AdamW state, in the
-train state), gated by the same traced condition, so switching the GAN on never recompiles.
+  z_0      = the decoder's latent, by `train.decoder_latents`: 'hq' (VAE(HQ)), 'predicted' (the
+             frozen stage-1 model's estimate from LQ: a one-step estimate at a random t by default,
+             or, with `train.decoder_sample_steps` N > 0, an N-step DDIM sample from noise, exactly
+             what inference hands the decoder) or 'mixed' (predicted with `decoder_predicted_prob`);
+             the paper mixes VAE(HQ) latents with sampled ones
+  image    = decoder(z_0, VAE-encoder features of LQ, mean(P_D))
+  loss     = pixel loss + lpips_weight * LPIPS (when lpips_vgg/lpips_lin are configured)
+             + gan_weight * hinge generator loss from a traced `step >= gan_start_step`
+Pixel loss (`train.decoder_pixel_loss`): 'l1' ([D]) or 'psnr', mean over images of log10(MSE), so a
+mildly degraded image weighs as much as a badly degraded one. The PatchGAN discriminator is updated
+in the same compiled step (its own AdamW state), gated by the same traced condition, so switching
+the GAN on never recompiles.
 """
 import logging
 from typing import Any, Dict
@@ -45,7 +35,7 @@ def make_discriminator(config):
     d = config.model.get("discriminator", None) or {}
     net = disc_lib.PatchDiscriminator(base_channels=int(d.get("base_channels", 64)),
                                       n_layers=int(d.get("n_layers", 3)),
-                                      dtype=dr._dtype(config.model.dtype))
+                                      dtype=dr.compute_dtype(config.model.dtype))
     return net, optim.make_optimizer(st.optimizer_config(config.train))
 
 

@@ -10,7 +10,7 @@ sharded by the same logical rules, the frozen UNet included):
 
 Where each network's starting weights come from, in priority order:
   1. `config.weights.unet / vae / clip`: converted pretrained checkpoints (frozen networks only);
-  2. `config.weights.init_from`: a previous run's export dir (train/export.py) supplies every network
+  2. `config.weights.init_from`: a previous run's export dir (export.py) supplies every network
      this stage does not train;
   3. a random init from `config.seed`.
 A trained network always starts fresh, except that the control module is copied from the (given)
@@ -127,12 +127,9 @@ class StatePlan:
         self.stage, self.image_size = config.stage, int(config.image_size)
         self.disc, self.disc_tx = disc, disc_tx
         self.key = jax.random.PRNGKey(int(config.seed))
-        with sharding.mesh_context(mesh, rules):
-            abstract = jax.eval_shape(self._init, self.key, given_abstract)
-        self.shardings = sharding.tree_shardings(abstract, mesh, rules)
+        targets, self.shardings = sharding.plan_sharded(self._init, mesh, rules, self.key, given_abstract)
+        self.state_target, self.frozen_target = targets
         self.state_shardings, self.frozen_shardings = self.shardings
-        self.state_target, self.frozen_target = sharding.abstract_with_shardings(abstract,
-                                                                                 self.shardings)
         self._materialisers: Dict[Any, Any] = {}
 
     def _init(self, key, given):

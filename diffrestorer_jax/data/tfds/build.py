@@ -34,7 +34,7 @@ def build_dataset(kind: str, src_dirs: Sequence[str], out_dir: str, split: str =
 
 def build_command(kind: str, out_dir: str, split: str) -> str:
     src = "ROOT" if kind == "paired" else "DIR [DIR ...]"
-    return f"python launch/build_dataset.py --kind {kind} --src {src} --out {out_dir} --split {split}"
+    return f"diffrestorer-build-dataset --kind {kind} --src {src} --out {out_dir} --split {split}"
 
 
 def load_source(out_dir: str, kind: str, split: str = "train"):
@@ -45,7 +45,7 @@ def load_source(out_dir: str, kind: str, split: str = "train"):
     """
     if kind not in BUILDERS:
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(BUILDERS)} "
-                         "(built with launch/build_dataset.py)")
+                         "(built with diffrestorer-build-dataset)")
     where = os.path.join(out_dir, kind)
     if not os.path.isdir(where):
         raise FileNotFoundError(f"no built {kind!r} dataset in {out_dir!r} ({where} does not exist); "

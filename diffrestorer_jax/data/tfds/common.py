@@ -15,7 +15,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 Problem = Tuple[str, str]  # (path, reason)
 
 
@@ -39,10 +38,6 @@ def list_files(folder: str) -> List[str]:
     for root, _, files in os.walk(folder):
         out += [os.path.join(root, f) for f in files if not f.startswith(".")]
     return sorted(out)
-
-
-def is_image_name(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def write_report(path: str, title: str, problems: Sequence[Problem]) -> str:

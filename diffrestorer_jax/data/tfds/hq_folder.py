@@ -9,7 +9,7 @@ from typing import List, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffrestorer_jax.data.image_io import ImageReadError, encode_png, read_image
+from diffrestorer_jax.data.image_io import ImageReadError, encode_png, is_image_name, read_image
 from diffrestorer_jax.data.tfds import common
 
 
@@ -41,7 +41,7 @@ class HqFolder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self):
         for folder in self._src_dirs:
             for path in common.list_files(folder):
-                if not common.is_image_name(path):
+                if not is_image_name(path):
                     self.problems.append((path, "not an image file name (extension)"))
                     continue
                 try:

@@ -1,0 +1,70 @@
+"""diffrestorer-aot: compile Diff-Restorer's steps for a TPU slice on this (CPU) host, and report
+memory and FLOPs.
+
+    diffrestorer-aot --config configs/sd15.py:stage1 --topology v5e-256 --batch 256 \
+        [--what train|restore] [--num_slices 2] [--restore_steps 2] [--config.x=y ...]
+
+Needs `libtpu` (pip install -e .[tpu_aot]) but no TPU. `--what train` compiles the config's stage
+step, `--what restore` the whole restore program (CLIP, prompts, the sampler's lax.scan over
+`--restore_steps` denoising steps, decoder). The printout gives per chip: argument / output / temp /
+total bytes against the chip's HBM, XLA's FLOPs beside our model FLOP count, the step time implied at
+a few MFUs, and the compile time. Exit status 1 if it does not fit.
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffrestorer_jax.cli import startup
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=False)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e-256", "TPU slice: v4-32, v5e-256, v5p-128, v6e-256, ...")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (set config.mesh.dcn_* too)")
+_BATCH = flags.DEFINE_integer("batch", None, "global batch (default: config.train.batch_size)")
+_WHAT = flags.DEFINE_enum("what", "train", ["train", "restore", "stage1", "stage2"],
+                          "train = the config's stage step (stage1/stage2 are aliases that also set "
+                          "config.stage), or restore")
+_STEPS = flags.DEFINE_integer("restore_steps", 2, "denoising steps compiled into restore (memory "
+                              "per step does not depend on it; the report also gives FLOPs at 50)")
+_PAIRED = flags.DEFINE_bool("paired", False, "train step with paired LQ in the batch (no on-device "
+                            "degradation: most of the HLO and compile time, little memory/FLOPs)")
+_EFFORT = flags.DEFINE_float("effort", None, "XLA exec_time_optimization_effort in [-1, 1] (-1: faster "
+                             "compile, less optimised schedule; memory numbers may be pessimistic)")
+_MFU = flags.DEFINE_list("mfu", ["0.3", "0.4", "0.5"], "MFUs at which to print the implied step time")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> int:
+    del argv
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the topology; never grab a real device
+    startup.prepare_process()
+    startup.absl_console()
+    from diffrestorer_jax.parallel import topology
+    from diffrestorer_jax.tools import aot
+    config = _CONFIG.value
+    if _WHAT.value in ("stage1", "stage2"):
+        config.stage = _WHAT.value
+    if _BATCH.value:
+        config.train.batch_size = _BATCH.value
+    spec = topology.tpu_spec(_TOPOLOGY.value)
+    devices = topology.topology_devices(_TOPOLOGY.value, _SLICES.value)
+    print(f"{_TOPOLOGY.value} x {_SLICES.value} slice(s): {len(devices)} devices "
+          f"({devices[0].device_kind}), topology {spec.topology_name}", flush=True)
+    mfus = tuple(float(u) for u in _MFU.value)
+    if _WHAT.value == "restore":
+        batch = _BATCH.value or int(config.train.batch_size)
+        report = aot.compile_restore(config, devices, batch, _STEPS.value)
+    else:
+        opts = None if _EFFORT.value is None else {"exec_time_optimization_effort": _EFFORT.value}
+        report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts)
+    print(aot.format_report(report, spec.generation, mfus))
+    return 0 if aot.fits(report, spec.generation) else 1
+
+
+def run() -> None:
+    """The console script."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

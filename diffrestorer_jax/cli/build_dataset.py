@@ -1,0 +1,37 @@
+"""diffrestorer-build-dataset: build a TFDS dataset without TensorFlow.
+
+  diffrestorer-build-dataset --kind hq_folder --src DIR [DIR ...] --out DATA_DIR [--split train]
+  diffrestorer-build-dataset --kind paired    --src ROOT          --out DATA_DIR --split test
+
+hq_folder: clean images (any folders, recursive). paired: the DA-CLIP layout ROOT/<type>/LQ/*,
+ROOT/<type>/GT/*. Skipped inputs are listed in DATA_DIR/<kind>_<split>_report.txt.
+"""
+import argparse
+import sys
+
+from diffrestorer_jax.cli import startup
+
+
+def main(argv=None) -> int:
+    from diffrestorer_jax.data.tfds.build import BUILDERS, build_dataset
+    parser = argparse.ArgumentParser(prog="diffrestorer-build-dataset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", required=True, choices=sorted(BUILDERS))
+    parser.add_argument("--src", required=True, nargs="+", help="source folder(s)")
+    parser.add_argument("--out", required=True, help="TFDS data_dir to write into")
+    parser.add_argument("--split", default="train")
+    args = parser.parse_args(argv)
+    startup.quiet_console()
+    try:
+        count, report = build_dataset(args.kind, args.src, args.out, args.split)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(report) as f:
+        skipped = sum(1 for line in f if not line.startswith("#"))
+    print(f"{args.kind}/{args.split}: {count} records in {args.out}; {skipped} skipped (see {report})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""diffrestorer-convert: PyTorch Stable Diffusion / CLIP weights, once, into our Flax format.
+
+    diffrestorer-convert --unet PATH --vae PATH --clip PATH --out DIR [--bfloat16]
+
+PATH: a diffusers folder (component or pipeline root), a single-file SD checkpoint
+(.safetensors / .ckpt, for --unet and --vae), or a Hugging Face / OpenAI CLIP checkpoint.
+Writes DIR/unet, DIR/vae, DIR/clip (Orbax params + flax_module.json); point the config's
+weights.unet / weights.vae / weights.clip at them. Any of the three may be left out.
+"""
+import argparse
+import sys
+
+from diffrestorer_jax.cli import startup
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="diffrestorer-convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--unet")
+    p.add_argument("--vae")
+    p.add_argument("--clip")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bfloat16", action="store_true", help="store parameters in bfloat16")
+    args = p.parse_args(argv)
+    startup.prepare_process()
+    startup.quiet_console()
+
+    import jax.numpy as jnp
+    from diffrestorer_jax import convert
+    dtype = jnp.bfloat16 if args.bfloat16 else None
+    jobs = [("unet", args.unet, convert.load_unet), ("vae", args.vae, convert.load_vae),
+            ("clip", args.clip, convert.load_clip_vision)]
+    if not any(src for _, src, _ in jobs):
+        p.error("nothing to convert: give --unet, --vae and/or --clip")
+    for name, src, load in jobs:
+        if not src:
+            continue
+        try:
+            module, params = load(src, dtype)
+        except convert.CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        dest = f"{args.out.rstrip('/')}/{name}"
+        convert.save_converted(dest, module, params)
+        print(f"{name}: {src} -> {dest} ({type(module).__name__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

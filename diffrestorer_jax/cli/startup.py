@@ -1,0 +1,41 @@
+"""What every command does before its work: XLA's CPU setting before JAX starts, and a console a
+person can read (progress, metrics, warnings and errors; library INFO logging only when asked)."""
+import logging
+import os
+
+from absl import flags
+from absl import logging as absl_logging
+
+from diffrestorer_jax import xla_cpu
+
+
+def prepare_process(fast_compile: bool = False) -> None:
+    """XLA_FLAGS for this process, before JAX creates its client: the CPU defaults (xla_cpu.py) and,
+    with `fast_compile`, XLA CPU's backend optimisations off (small programs compile twice as fast)."""
+    xla_cpu.set_cpu_defaults()
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if fast_compile and "xla_backend_optimization_level" not in flags_now:
+        os.environ["XLA_FLAGS"] = f"{flags_now} --xla_backend_optimization_level=0".strip()
+
+
+def absl_console() -> None:
+    """For absl commands, first thing in main: library INFO (Orbax's lines per save, JAX's) stays off
+    the console unless `--verbosity=0` (or higher) asks for it; with `--log_dir`, everything at INFO
+    goes to absl's log file there and the console keeps warnings and errors."""
+    f = flags.FLAGS
+    if f.log_dir:
+        if not f["verbosity"].present:
+            absl_logging.set_verbosity(absl_logging.INFO)
+        if not f["stderrthreshold"].present:
+            f.stderrthreshold = "warning"
+        absl_logging.get_absl_handler().use_absl_log_file()
+    elif not f["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def quiet_console() -> None:
+    """For argparse commands: Python logging at WARNING on the console (absl's pre-flag-parsing
+    notice is not printed)."""
+    logging.getLogger().setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.use_python_logging(quiet=True)

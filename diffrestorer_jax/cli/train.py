@@ -1,0 +1,50 @@
+"""diffrestorer-train: train Diff-Restorer (either stage, or the demo's from-scratch prior).
+
+    diffrestorer-train --config configs/tiny.py:stage1 --workdir runs/tiny_s1 [--config.x=y ...]
+
+The stage comes from the config (`stage`: stage1 | stage2 | prior_vae | prior_unet). Re-running the
+same command resumes from the workdir's latest checkpoint. SIGTERM (preemption) saves a checkpoint
+at the current step and exits 0. On several hosts (TPU pod, SLURM) run the same command on every
+host; `jax.distributed` is initialised from the environment (see launch/train_*.sh). The console
+shows progress, metrics, warnings and errors; library INFO logging goes to `--log_dir` if given, or
+to the console with `--verbosity=0`.
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffrestorer_jax.cli import startup
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, export")
+_FAST = flags.DEFINE_bool("fast_compile", False, "XLA backend optimisation level 0 (CPU tests)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> int:
+    del argv
+    startup.prepare_process()
+    startup.absl_console()
+    from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
+    maybe_initialize_distributed()  # before any other JAX call
+    from diffrestorer_jax.data.sources import DataConfigError
+    from diffrestorer_jax.train import loop, run
+    try:
+        status = loop.train(_CONFIG.value, _WORKDIR.value,
+                            compiler_options=run.FAST_COMPILE if _FAST.value else None)
+    except (FloatingPointError, DataConfigError, FileNotFoundError) as e:
+        # the non-finite streak, or training data that is not there: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"training {status}", flush=True)
+    return 0
+
+
+def run() -> None:
+    """The console script."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

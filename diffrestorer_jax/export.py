@@ -1,0 +1,124 @@
+"""The export format: everything needed to restore images, in one directory.
+
+    <dir>/config.json   the run's config (ConfigDict JSON): rebuilds the networks
+    <dir>/params/       Orbax checkpoint of {clip, prompt, control, unet, vae, decoder}
+
+Training writes it at the end (EMA weights for the networks it trained, the frozen ones as they
+were); restoring reads it, and `config.weights.init_from` starts a later stage from it. Arrays may
+be sharded when saved; `load_export` reads them into whatever layout the caller asks for (default:
+one device), so an export moves freely between meshes and machines. `load_config` lays the saved
+config over `config_base.base_config()`, so readers find every field, with today's default where an
+older export lacks one.
+"""
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from diffrestorer_jax.config_base import base_config
+from diffrestorer_jax.models import diffrestorer as dr
+from diffrestorer_jax.parallel import sharding
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+# Network configs in reference-implementation field names: taken as saved, never merged with the
+# base config's presets (a missing field means the module's own default, as in diffusers).
+AS_SAVED = ("model.unet", "model.vae", "model.clip")
+
+
+def save_export(directory: str, params: Dict[str, Any], config) -> str:
+    """Write params (all six networks) + config JSON to `directory` (replaced if it exists)."""
+    directory = os.path.abspath(os.fspath(directory))
+    missing = [n for n in dr.NETWORKS if n not in params]
+    if missing:
+        raise ValueError(f"save_export: params lack networks {missing}; an export holds all of "
+                         f"{list(dr.NETWORKS)}")
+    params = {n: params[n] for n in dr.NETWORKS}
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+        ckpt.wait_until_finished()
+    if jax.process_index() == 0:
+        text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            f.write(text)
+    return directory
+
+
+def over_base(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
+    """`saved` (a config as a plain dict) laid over the base config: saved values win, fields it
+    lacks take the base's defaults, the networks' own configs (`AS_SAVED`) are kept whole."""
+    def merge(base: Dict[str, Any], new: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+        out = dict(base)
+        for key, value in new.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in AS_SAVED:
+                out[key] = merge(out[key], value, path + ".")
+            else:
+                out[key] = value
+        return out
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved, ""))
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+    """The export's config over the base config (see `over_base`)."""
+    path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not an export directory: {CONFIG_FILE} is missing "
+                                f"(exports are written to <workdir>/export at the end of training)")
+    with open(path) as f:
+        return over_base(json.load(f))
+
+
+def abstract_params(nets: dr.Networks, image_size: int):
+    """Boxed ShapeDtypeStructs of all six networks (no computation)."""
+    return jax.eval_shape(lambda k: dr.init_params(nets, k, image_size), jax.random.PRNGKey(0))
+
+
+def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rules=None,
+                names=None) -> Tuple[ml_collections.ConfigDict, dr.Networks, Dict[str, Any]]:
+    """(config, nets, params) of an export. Arrays land on `shardings` (a tree like params), or
+    are sharded by the logical rules over `mesh`, or go to the first local device.
+    `names` selects which networks are returned (default: all six)."""
+    config = load_config(directory)
+    nets = dr.build_networks(config.model)
+    names = tuple(names or dr.NETWORKS)
+    boxed = abstract_params(nets, int(config.image_size))
+    if shardings is None:
+        if mesh is not None:
+            shardings = sharding.tree_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
+        else:
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: one, sharding.unbox(boxed))
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = {n: shardings[n] if n in shardings else jax.tree.map(lambda _: one, sharding.unbox(boxed[n]))
+                     for n in dr.NETWORKS}
+    target = sharding.abstract_with_shardings(boxed, shardings)
+    path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(path, target=target)
+    return config, nets, {n: params[n] for n in names}
+
+
+def compare_exports(a: str, b: str) -> Dict[str, float]:
+    """Largest absolute parameter difference per network between two exports (0.0: bit for bit
+    the same). Raises ValueError if they hold differently shaped networks (other configs)."""
+    _, _, params_a = load_export(a)
+    _, _, params_b = load_export(b)
+    diffs = {}
+    for name in dr.NETWORKS:
+        shapes_a = jax.tree.map(lambda x: x.shape, params_a[name])
+        shapes_b = jax.tree.map(lambda x: x.shape, params_b[name])
+        if shapes_a != shapes_b:
+            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
+                             "nothing to compare")
+        def max_abs_diff(x, y):
+            return float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)), initial=0.0))
+        diffs[name] = max(jax.tree.leaves(jax.tree.map(max_abs_diff, params_a[name], params_b[name])),
+                          default=0.0)
+    return diffs

@@ -1,0 +1,222 @@
+"""The restorer: images of any size in, restored images out, in fixed-shape batches on this
+process's devices (the restore and evaluate commands, the demo, the web app).
+
+    restorer = Restorer.from_export(dir, Options(steps=20, batch_size=8))
+    restorer.restore_images([img, ...], ids)     # arrays [H, W, 3] in [0, 1] -> [(restored, info)]
+
+Images are padded into shape buckets (`buckets`: one compiled program per bucket) and their noise is
+keyed by fold_in(PRNGKey(seed), image id), so an image's output is identical, bit for bit, whatever
+the batch size, the other images in its batch, or the number of devices. The batch is split over
+the local devices (`program.restore_program`); on several hosts each process restores its own files.
+"""
+import dataclasses
+import functools
+import hashlib
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffrestorer_jax.data.degradations import DEGRADATION_TYPES
+from diffrestorer_jax.diffusion import schedules
+from diffrestorer_jax.infer import buckets
+from diffrestorer_jax.infer.pipeline import Knobs, RestoreSettings, size_multiple
+from diffrestorer_jax.infer.program import COLOR_FIX_METHODS, restore_program
+from diffrestorer_jax.parallel.mesh import make_mesh
+from diffrestorer_jax.parallel.sharding import replicated
+
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+
+
+class RestoreError(Exception):
+    """A foreseeable problem with the whole run (bad checkpoint, no inputs, bad option): a message."""
+
+
+def path_image_id(relpath: str) -> int:
+    """Stable id of a file from its '/'-separated path relative to the input root: the first 31 bits
+    of its SHA-256, so an output does not change when other files are added or removed."""
+    rel = relpath.replace(os.sep, "/")
+    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class Options:
+    """Everything that decides the outputs (None: the config's value) and how the work is spread."""
+    seed: int = 0
+    sampler: Optional[str] = None
+    steps: Optional[int] = None
+    strength: Optional[float] = None
+    cfg: Optional[float] = None  # guidance scale; != 1 turns classifier-free guidance on
+    eta: Optional[float] = None
+    control_scale: Optional[float] = None
+    fidelity: Optional[float] = None
+    samples: int = 1  # posterior samples averaged per image (higher PSNR, softer detail, K x the time)
+    color_fix: str = "none"  # none | wavelet | adain | auto (wavelet, never for haze / low light)
+    tile: Optional[int] = None  # latent tile; None: config.image_size // vae factor; 0: never tile
+    tile_overlap: Optional[int] = None  # latent pixels; None: a quarter of the tile
+    batch_size: int = 1
+    num_devices: Optional[int] = None  # None: all local devices
+
+
+def _stamp(directory: str):
+    """Changes whenever the export is rewritten (save_export replaces config.json and params/)."""
+    return tuple(os.stat(os.path.join(directory, n)).st_mtime_ns for n in ("config.json", "params"))
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_export(directory: str, stamp) -> Tuple[Any, Any, Any]:
+    """load_export, remembered per process for the last export (the demo and tests restore many times
+    from one export; one, so a full-size model is never held twice)."""
+    del stamp
+    from diffrestorer_jax import export
+    return export.load_export(directory)
+
+
+class Restorer:
+    """Restores images of any size in fixed-shape batches on this process's devices."""
+
+    def __init__(self, config, nets, params, options: Options = Options(), source: str = ""):
+        if options.color_fix not in COLOR_FIX_METHODS:
+            raise RestoreError(f"--color-fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {options.color_fix!r}")
+        local = jax.local_devices()
+        n = options.num_devices or len(local)
+        if not 1 <= n <= len(local):
+            raise RestoreError(f"{n} devices asked for, {len(local)} available")
+        self.config, self.nets, self.options, self.source = config, nets, options, source
+        self.mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, local[:n])
+        self.num_devices = n
+        self.batch_size = buckets.round_batch(options.batch_size, n)
+        self.multiple = size_multiple(nets)
+        self._replicated = replicated(self.mesh)
+        self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.params = jax.device_put(params, self._replicated)
+        self.schedule = schedules.from_config(config.diffusion)
+        self.key = jax.device_put(jax.random.PRNGKey(int(options.seed)), self._replicated)
+        self.base_settings, self.knobs = self._resolve(options)
+        self.latent_tile = self._latent_tile(options)
+        self.tile_overlap = options.tile_overlap if options.tile_overlap is not None else max(1, self.latent_tile // 4)
+
+    @classmethod
+    def from_export(cls, directory: str, options: Options = Options(), overrides: Mapping[str, Any] = None):
+        """A restorer for an export directory; `overrides` {'sampler.eta': 0.5, ...} change its
+        config first (a `model.*` override rebuilds the networks: dtype, attention, not shapes)."""
+        from diffrestorer_jax import export
+        from diffrestorer_jax.models.diffrestorer import build_networks
+        overrides = dict(overrides or {})
+        try:
+            config = export.load_config(directory)
+        except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
+            raise RestoreError(f"--checkpoint {directory}: {e}") from None
+        try:
+            _, nets, params = _cached_export(os.path.abspath(directory), _stamp(directory))
+        except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for a damaged export
+            raise RestoreError(f"--checkpoint {directory}: cannot load the parameters "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        try:
+            config.update_from_flattened_dict(overrides)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise RestoreError(f"config overrides {overrides}: {e}") from None
+        if any(k.startswith("model.") for k in overrides):
+            nets = build_networks(config.model)
+        return cls(config, nets, params, options, source=os.path.abspath(directory))
+
+    def _resolve(self, o: Options) -> Tuple[RestoreSettings, Knobs]:
+        c = self.config
+        pick = lambda given, default: default if given is None else given  # noqa: E731
+        guidance = float(pick(o.cfg, c.sampler.guidance_scale))
+        settings = RestoreSettings(
+            sampler=str(pick(o.sampler, c.sampler.name)), steps=int(pick(o.steps, c.sampler.steps)),
+            strength=float(pick(o.strength, c.sampler.strength)), use_cfg=guidance != 1.0,
+            context_mode=str(c.model.control.context), samples=int(o.samples))
+        knobs = Knobs(guidance_scale=guidance,
+                      control_scale=float(pick(o.control_scale, c.model.control.control_scale)),
+                      fidelity_weight=float(pick(o.fidelity, c.model.decoder.fidelity_weight)),
+                      eta=float(pick(o.eta, c.sampler.eta)))
+        if settings.sampler not in SAMPLERS:
+            raise RestoreError(f"--sampler must be {', '.join(SAMPLERS)}, got {settings.sampler!r}")
+        if settings.samples < 1:
+            raise RestoreError(f"--samples must be >= 1, got {settings.samples}")
+        if settings.steps < 1 or not 0 < settings.strength <= 1:
+            raise RestoreError(f"--steps must be >= 1 and --strength in (0, 1], got {settings.steps}, {settings.strength}")
+        return settings, knobs
+
+    def _latent_tile(self, o: Options) -> int:
+        """0 = never tile; else the latent tile (a multiple of the UNet's downsampling)."""
+        step = self.multiple // self.nets.vae_factor
+        if o.tile is not None:
+            if o.tile and o.tile % step:
+                raise RestoreError(f"--tile {o.tile} must be a multiple of {step} (latent pixels)")
+            return int(o.tile)
+        native = int(self.config.image_size) // self.nets.vae_factor
+        return max(step, native // step * step)
+
+    def settings_for(self, bucket: buckets.Bucket) -> RestoreSettings:
+        """The bucket's program: tiled when its latent is larger than the tile."""
+        f = self.nets.vae_factor
+        tile = self.latent_tile
+        if tile and max(bucket) // f > tile:
+            if not 0 <= self.tile_overlap < tile:
+                raise RestoreError(f"--tile-overlap {self.tile_overlap} must be smaller than the tile {tile}")
+            return dataclasses.replace(self.base_settings, tile=tile, tile_overlap=self.tile_overlap)
+        return self.base_settings
+
+    def bucket(self, height: int, width: int) -> buckets.Bucket:
+        return buckets.bucket_for(height, width, self.multiple)
+
+    def describe(self) -> Dict[str, Any]:
+        """The settings that decide every output (for sidecars and metrics.json)."""
+        return {"seed": int(self.options.seed), "settings": dataclasses.asdict(self.base_settings),
+                "knobs": {k: float(v) for k, v in dataclasses.asdict(self.knobs).items()},
+                "color_fix": self.options.color_fix, "latent_tile": self.latent_tile,
+                "tile_overlap": self.tile_overlap, "batch_size": self.batch_size,
+                "num_devices": self.num_devices, "checkpoint": self.source}
+
+    def program(self, settings: RestoreSettings):
+        """The jitted program of a bucket's settings (compiled on first use, once per bucket shape)."""
+        return restore_program(self.nets, settings, self.options.color_fix, self.mesh)
+
+    def restore_batch(self, batch: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[B, H, W, 3] (B = batch_size, H, W a bucket) -> (images, type probabilities, colour fixed?)."""
+        program = self.program(self.settings_for(batch.shape[1:3]))
+        lq = jax.device_put(np.asarray(batch, np.float32), self._rows)
+        image_ids = jax.device_put(np.asarray(ids, np.int32), self._rows)
+        images, probs, fixed = program(self.params, lq, self.key, self.schedule, self.knobs, image_ids)
+        return np.asarray(images), np.asarray(probs), np.asarray(fixed)
+
+    def restore_stream(self, items: Iterable[Tuple[Any, np.ndarray, int]]) -> Iterator[Tuple[Any, np.ndarray, Dict]]:
+        """(tag, image [H, W, 3], image id) -> (tag, restored [H, W, 3], info), batched per bucket
+        (at most one partly filled batch per bucket is held); results come when a batch is full."""
+        queues: Dict[buckets.Bucket, List] = {}
+        for item in items:
+            image = item[1]
+            b = self.bucket(*image.shape[:2])
+            queue = queues.setdefault(b, [])
+            queue.append(item)
+            if len(queue) == self.batch_size:
+                yield from self._flush(b, queue)
+                queues[b] = []
+        for b, queue in sorted(queues.items()):
+            if queue:
+                yield from self._flush(b, queue)
+
+    def _flush(self, bucket, queue):
+        batch, n = buckets.fill_batch([buckets.pad_to(img, bucket) for _, img, _ in queue], self.batch_size)
+        ids = np.array([i for _, _, i in queue] + [queue[0][2]] * (self.batch_size - n), np.int64)
+        images, probs, fixed = self.restore_batch(batch, ids)
+        settings = self.settings_for(bucket)
+        for k, (tag, img, image_id) in enumerate(queue):
+            p = probs[k].astype(float)
+            info = {"image_id": int(image_id), "size": list(img.shape[:2]), "bucket": list(bucket),
+                    "tile": settings.tile, "color_fix_applied": bool(fixed[k]),
+                    "type_probs": {name: float(v) for name, v in zip(DEGRADATION_TYPES, p)},
+                    "predicted_type": DEGRADATION_TYPES[int(np.argmax(p))]}
+            yield tag, buckets.crop_to(images[k], img.shape[:2]), info
+
+    def restore_images(self, images: Sequence[np.ndarray], ids: Optional[Sequence[int]] = None):
+        """In-memory images (any sizes) -> [(restored, info)] in the given order."""
+        ids = range(len(images)) if ids is None else ids
+        results = {tag: (img, info) for tag, img, info in
+                   self.restore_stream((k, np.asarray(x, np.float32), int(i)) for k, (x, i) in enumerate(zip(images, ids)))}
+        return [results[k] for k in range(len(images))]

@@ -1,0 +1,68 @@
+"""AOT compilation for a TPU topology on this CPU host (needs libtpu; skipped without it)."""
+
+import pytest
+
+pytest.importorskip("libtpu")
+
+from diffrestorer_jax.parallel import topology  # noqa: E402
+from diffrestorer_jax.tools import aot  # noqa: E402
+from mini_config import mini_tiny  # noqa: E402
+
+
+def test_topology_names():
+    s = topology.tpu_spec("v5e-256")
+    assert (s.chips, s.topology_name, s.chip_config_name) == (256, "v5e:16x16", "default")
+    s = topology.tpu_spec("v4-32")
+    assert (s.chips, s.topology_name, s.chip_config_name) == (16, "v4:2x2x4", "megacore")
+    assert topology.tpu_spec("v5p-128").topology_name == "v5p:4x4x4"
+    assert topology.tpu_spec("v6e-256").generation.hbm_bytes == 32 * topology.GiB
+    with pytest.raises(ValueError, match="unknown TPU topology"):
+        topology.tpu_spec("v9-8")
+    with pytest.raises(ValueError, match="slice shape"):
+        topology.tpu_spec("v5e-3")
+
+
+def _mini_tiny():
+    """configs/tiny.py's stage 1, one level shallower (tests/mini_config.py), 32 px, FSDP mesh."""
+    c = mini_tiny("stage1")
+    c.image_size = 32
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.train.batch_size = 4
+    return c
+
+
+def test_tiny_stage1_compiles_for_v5e_2x2():
+    """A tiny stage-1 step (paired LQ: the degradation pipeline alone triples the compile time)
+    compiled for 4 v5e chips with the FSDP mesh; the memory report is sane."""
+    c = _mini_tiny()
+    devices = topology.topology_devices("v5e-4")
+    assert len(devices) == 4 and "v5" in devices[0].device_kind.lower()
+    r = aot.compile_train_step(c, devices, paired=True, count_model_flops=False,
+                               compiler_options={"exec_time_optimization_effort": -1.0})
+    m = r["memory"]
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    # trained params + 2 Adam moments + EMA + frozen params of the tiny model: a few MB per chip
+    assert 100_000 < m["argument"] < 64 * 2 ** 20, m
+    assert m["alias"] > 0, "the donated train state should alias the output"
+    assert 0 < m["total"] < topology.GENERATIONS["v5e"].hbm_bytes
+    assert r["xla_flops_per_chip"] > 1e6
+    text = aot.format_report(r, topology.GENERATIONS["v5e"])
+    assert "FITS" in text and "per chip" in text
+
+
+def test_model_flops_count_the_global_work_once():
+    """The model-FLOPs column: the train count is the global batch's (twice the images, twice the
+    FLOPs; remat recompute and the attention implementation do not change it), and restore's
+    per-step forward is a fraction of a train step's forward + backward per image."""
+    c = _mini_tiny()
+    c.train.batch_size = 2
+    two = aot.model_flops_train(c, paired=True)
+    c.train.batch_size = 4
+    c.model.remat_policy = "full"
+    c.model.attention_impl = "pallas_tpu"  # a kernel call would hide its FLOPs: counted as XLA dots
+    four = aot.model_flops_train(c, paired=True)
+    assert two > 1e6 and four == pytest.approx(2 * two, rel=0.01)
+    r = aot.model_flops_restore(c, batch=4, steps=3)
+    assert r["per_image_once"] > 1e6 and r["per_step"] > 1e6
+    assert r["total"] == pytest.approx(4 * (r["per_image_once"] + 3 * r["per_step"]))
+    assert 1.5 < (two / 2) / r["per_step"] < 5, (two, r)

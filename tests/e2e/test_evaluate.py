@@ -1,0 +1,96 @@
+"""diffrestorer-evaluate on a tiny paired folder (DA-CLIP layout): metrics.json/md written, PSNR and
+SSIM equal scikit-image's on the same restored/GT pairs, per type and averaged."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from diffrestorer_jax.cli import evaluate as evaluate_cli
+from diffrestorer_jax.tools import evaluate as ev
+from exports import tiny_export
+
+
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    from skimage import data
+    root = tmp_path_factory.mktemp("paired")
+    rng = np.random.default_rng(0)
+    srcs = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    for t, folder in enumerate(("noisy", "low-light")):
+        for sub in ("LQ", "GT"):
+            (root / folder / sub).mkdir(parents=True)
+        for i in range(2):
+            gt = np.asarray(Image.fromarray(srcs[2 * t + i]).resize((32, 32)), np.float32)
+            lq = gt + rng.normal(0, 20, gt.shape) if t == 0 else gt * 0.3
+            Image.fromarray(gt.astype(np.uint8)).save(root / folder / "GT" / f"{i}.png")
+            Image.fromarray(np.clip(lq, 0, 255).astype(np.uint8)).save(root / folder / "LQ" / f"{i}.png")
+    (root / "shadowed").mkdir()  # a type we do not model: reported, skipped
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("export"))
+
+
+def test_evaluate_folder_matches_skimage(ckpt, paired, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = evaluate_cli.main(["--checkpoint", ckpt, "--data", str(paired), "--out", str(out), "--steps", "2",
+                            "--seed", "1", "--save-images", "--no-progress", "--crop-border", "2"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "shadowed" in err and "FID skipped" in err and "Traceback" not in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    proto = metrics["protocol"]
+    assert proto["restoration"]["seed"] == 1 and proto["restoration"]["settings"]["steps"] == 2
+    assert proto["metric_conventions"]["crop_border"] == 2 and "jax" in proto["versions"]
+    assert metrics["fid"]["computed"] is False
+    assert set(metrics["per_type"]) == {"noise", "low_light"}
+    assert len(metrics["per_image"]) == 4
+    for row in metrics["per_image"]:
+        folder = "noisy" if row["type"] == "noise" else "low-light"
+        name = row["name"].split("/")[1]
+        restored = np.asarray(Image.open(out / "images" / row["type"] / name))
+        gt = np.asarray(Image.open(paired / folder / "GT" / name))
+        r, g = restored[2:-2, 2:-2], gt[2:-2, 2:-2]
+        assert row["psnr"] == pytest.approx(peak_signal_noise_ratio(g, r, data_range=255), abs=1e-3)
+        ref_ssim = structural_similarity(g, r, channel_axis=-1, data_range=255, gaussian_weights=True,
+                                         sigma=1.5, use_sample_covariance=False)
+        assert row["ssim"] == pytest.approx(ref_ssim, abs=1e-4)
+        lq = np.asarray(Image.open(paired / folder / "LQ" / name))
+        assert row["input"]["psnr"] == pytest.approx(
+            peak_signal_noise_ratio(g, lq[2:-2, 2:-2], data_range=255), abs=1e-3)
+    per_type = metrics["per_type"]
+    assert metrics["average"]["psnr"] == pytest.approx(np.mean([per_type[t]["psnr"] for t in per_type]))
+    md = (out / "metrics.md").read_text()
+    assert "| noise |" in md and "| low_light |" in md and "**average**" in md and "PSNR (Y)" in md
+
+
+def test_evaluate_errors_are_messages(tmp_path, capsys):
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "none"),
+                              "--out", str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "empty"),
+                              "--out", str(tmp_path / "o")]) == 2
+    assert "no LQ/GT pairs" in capsys.readouterr().err
+    with pytest.raises(ev.EvaluateError):
+        ev.load_pairs(str(tmp_path / "empty"))
+
+
+def test_tfds_dataset_gives_the_same_numbers(ckpt, paired, tmp_path, capsys):
+    """The same pairs as a built TFDS `paired` dataset: same image ids, so the same restorations."""
+    from diffrestorer_jax.data.tfds.build import build_dataset
+    build_dataset("paired", [str(paired)], str(tmp_path / "tfds"), "test")
+    runs = {}
+    for kind, data in (("folders", paired), ("tfds", tmp_path / "tfds")):
+        out = tmp_path / kind
+        assert evaluate_cli.main(["--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--steps", "2",
+                                  "--seed", "1", "--no-progress"]) == 0
+        runs[kind] = json.loads((out / "metrics.json").read_text())
+        assert runs[kind]["protocol"]["data_kind"] == kind
+    capsys.readouterr()
+    rows = lambda m: sorted((r["name"], r["psnr"], r["ssim_y"]) for r in m["per_image"])  # noqa: E731
+    assert rows(runs["folders"]) == rows(runs["tfds"])

@@ -1,0 +1,47 @@
+"""The CPU backend setting the commands put into XLA_FLAGS (diffrestorer_jax/xla_cpu.py), and that
+importing the package leaves XLA_FLAGS alone."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from diffrestorer_jax.xla_cpu import YNN_FLAG, YNN_MATMULS_ONLY, set_cpu_defaults
+
+
+def test_the_flag_is_added_once_and_a_users_choice_wins():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert set_cpu_defaults(env)
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 --{YNN_FLAG}={YNN_MATMULS_ONLY}"
+    assert not set_cpu_defaults(env)  # already there: unchanged
+    assert env["XLA_FLAGS"].count(YNN_FLAG) == 1
+    mine = {"XLA_FLAGS": f"--{YNN_FLAG}="}
+    assert not set_cpu_defaults(mine) and mine["XLA_FLAGS"] == f"--{YNN_FLAG}="
+    empty = {}
+    assert set_cpu_defaults(empty) and empty["XLA_FLAGS"] == f"--{YNN_FLAG}={YNN_MATMULS_ONLY}"
+    off = {"DIFFRESTORER_XLA_CPU_DEFAULTS": "0"}
+    assert not set_cpu_defaults(off) and "XLA_FLAGS" not in off
+
+
+def test_this_process_compiles_convolutions_with_xla_itself():
+    assert YNN_FLAG in os.environ["XLA_FLAGS"]
+    x = jnp.ones((1, 16, 16, 32))
+    w = jnp.ones((3, 3, 32, 32))
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    hlo = conv.lower(x, w).compile().as_text()
+    assert "convolution(" in hlo and "ynn_fusion" not in hlo  # XLA's default makes it a ynn_fusion
+
+
+def test_importing_the_package_changes_no_flags():
+    """Only the commands (and programs that ask) set XLA_FLAGS: importing every library module (the
+    commands' own modules define their absl flags, so they are imported one per process) leaves it be."""
+    code = ("import os, pkgutil, importlib, diffrestorer_jax as p\n"
+            "for m in pkgutil.walk_packages(p.__path__, 'diffrestorer_jax.'):\n"
+            "    if '.cli.' not in m.name: importlib.import_module(m.name)\n"
+            "print(repr(os.environ.get('XLA_FLAGS')))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "None"
