@@ -19,8 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from diffrestorer_jax import atomic
 from diffrestorer_jax.config_base import base_config
 from diffrestorer_jax.models import diffrestorer as dr
+from diffrestorer_jax.parallel import mesh as mesh_lib
 from diffrestorer_jax.parallel import sharding
 
 CONFIG_FILE = "config.json"
@@ -31,21 +33,35 @@ AS_SAVED = ("model.unet", "model.vae", "model.clip")
 
 
 def save_export(directory: str, params: Dict[str, Any], config) -> str:
-    """Write params (all six networks) + config JSON to `directory` (replaced if it exists)."""
+    """Write params (all six networks) + config JSON to `directory`, replacing an existing export
+    atomically: a kill at any moment leaves the previous export or the new one (atomic.py)."""
     directory = os.path.abspath(os.fspath(directory))
     missing = [n for n in dr.NETWORKS if n not in params]
     if missing:
         raise ValueError(f"save_export: params lack networks {missing}; an export holds all of "
                          f"{list(dr.NETWORKS)}")
     params = {n: params[n] for n in dr.NETWORKS}
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-        ckpt.wait_until_finished()
-    if jax.process_index() == 0:
-        text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            f.write(text)
+    primary = jax.process_index() == 0
+    if primary:
+        atomic.begin(directory)
+    mesh_lib.barrier(f"export {directory}: new version begun")
+    tmp = directory + atomic.NEW
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
+            ckpt.wait_until_finished()
+        if primary:
+            text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                f.write(text)
+        mesh_lib.barrier(f"export {directory}: new version written")
+    except BaseException:
+        if primary:
+            atomic.abort(directory)
+        raise
+    if primary:
+        atomic.commit(directory)
+    mesh_lib.barrier(f"export {directory}: committed")
     return directory
 
 
@@ -64,8 +80,17 @@ def over_base(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(merge(base_config().to_dict(), saved, ""))
 
 
+def _finish_interrupted_save(directory: str) -> None:
+    """A save killed mid-swap leaves `<dir>.new` / `<dir>.old` beside (or instead of) the export:
+    put the whole version in place before reading (nothing to do, and nothing written, otherwise)."""
+    d = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(d + atomic.NEW) or os.path.lexists(d + atomic.OLD):
+        atomic.resolve(d)
+
+
 def load_config(directory: str) -> ml_collections.ConfigDict:
     """The export's config over the base config (see `over_base`)."""
+    _finish_interrupted_save(directory)
     path = os.path.join(os.fspath(directory), CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} is not an export directory: {CONFIG_FILE} is missing "

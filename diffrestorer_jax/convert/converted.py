@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from diffrestorer_jax import atomic
 from diffrestorer_jax.convert.core import CheckpointError
 
 MODULE_FILE = "flax_module.json"
@@ -55,16 +56,19 @@ def _from_json(v):
 
 
 def is_converted(path: str) -> bool:
+    if os.path.lexists(os.path.abspath(path) + atomic.NEW) or os.path.lexists(os.path.abspath(path) + atomic.OLD):
+        atomic.resolve(path)  # a conversion killed mid-swap: put the whole version in place
     return os.path.isfile(os.path.join(path, MODULE_FILE))
 
 
 def save_converted(directory: str, module, params) -> None:
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-    with open(os.path.join(directory, MODULE_FILE), "w") as f:
-        json.dump({"class": type(module).__name__, "fields": module_fields(module)}, f, indent=1)
+    """Write (module, params) to `directory`, replacing what is there atomically (atomic.py): a kill
+    leaves the previous conversion or the new one."""
+    with atomic.replacing(os.path.abspath(directory)) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        with open(os.path.join(tmp, MODULE_FILE), "w") as f:
+            json.dump({"class": type(module).__name__, "fields": module_fields(module)}, f, indent=1)
 
 
 def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
