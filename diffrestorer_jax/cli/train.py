@@ -19,6 +19,8 @@ from diffrestorer_jax.cli import startup
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, export")
 _FAST = flags.DEFINE_bool("fast_compile", False, "XLA backend optimisation level 0 (CPU tests)")
+_ALLOW = flags.DEFINE_bool("allow_config_changes", False, "resume even though the workdir's checkpoint "
+                           "was made with another model, data, seed, batch or frozen weights")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,11 +32,15 @@ def main(argv) -> int:
     maybe_initialize_distributed()  # before any other JAX call
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
+    from diffrestorer_jax.train.resume_check import ResumeMismatch
+    from diffrestorer_jax.train.workdir_lock import WorkdirLocked
     try:
         status = loop.train(_CONFIG.value, _WORKDIR.value,
-                            compiler_options=run.FAST_COMPILE if _FAST.value else None)
-    except (FloatingPointError, DataConfigError, FileNotFoundError) as e:
-        # the non-finite streak, or training data that is not there: a message, not a traceback
+                            compiler_options=run.FAST_COMPILE if _FAST.value else None,
+                            allow_config_changes=_ALLOW.value)
+    except (FloatingPointError, DataConfigError, FileNotFoundError, ResumeMismatch, WorkdirLocked) as e:
+        # the non-finite streak, data that is not there, a workdir of another run or in use:
+        # a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"training {status}", flush=True)

@@ -4,6 +4,9 @@ One checkpoint step = three items, so a run restarts exactly where it was:
   'state'   the train state (sharded jax arrays; each host writes its own shards, asynchronously);
   'config'  the run's config as JSON (to see what produced a checkpoint, and to detect mismatches);
   'data'    the input pipeline's state, an opaque JSON-able dict (or bytes) from the caller.
+Each step also carries small run facts as Orbax step metadata (`run_info`: the frozen weights'
+fingerprint), read back by `saved_run_info`. Temporary folders of saves that a kill interrupted are
+removed when the manager opens the directory; only committed steps are ever restored.
 Restore takes a *target*: the abstract state whose ShapeDtypeStructs carry the shardings wanted now
 (`sharding.abstract_with_shardings`). Orbax reads each shard straight into that layout, so a
 checkpoint written on a (2, 4) mesh loads onto (8, 1) or one device, and the restored arrays carry the
@@ -57,27 +60,37 @@ class Checkpointer:
         # The interval is ours (step % save_every == 0); orbax's own rule also saves the first step seen.
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=1, max_to_keep=keep,
-            enable_async_checkpointing=async_save, create=True)
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "config", "data"))
 
-    def maybe_save(self, step: int, state, config=None, data_state=None, force: bool = False) -> bool:
+    def maybe_save(self, step: int, state, config=None, data_state=None, force: bool = False,
+                   run_info: Optional[dict] = None) -> bool:
         """Save if `step` is a multiple of `save_every` (or `force`); returns whether a save started."""
         if not force and int(step) % self.save_every:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   config=ocp.args.JsonSave(_config_to_json(config)),
                                   data=ocp.args.JsonSave(_data_to_json(data_state)))
-        saved = self.manager.save(int(step), args=args, force=True)
+        saved = self.manager.save(int(step), args=args, force=True, custom_metadata=run_info)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def save(self, step: int, state, config=None, data_state=None) -> bool:
+    def save(self, step: int, state, config=None, data_state=None, run_info: Optional[dict] = None) -> bool:
         """Save now, whatever the interval (preemption, end of training). Skips an existing step."""
         if int(step) in self.manager.all_steps():
             return False
-        return self.maybe_save(step, state, config, data_state, force=True)
+        return self.maybe_save(step, state, config, data_state, force=True, run_info=run_info)
+
+    def saved_config(self, step: int) -> dict:
+        """The config JSON saved with `step`, read alone (to check a resume before restoring state)."""
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored["config"]
+
+    def saved_run_info(self, step: int) -> dict:
+        """The `run_info` saved with `step` ({} for checkpoints written without it)."""
+        return dict(self.manager.metadata(int(step)).custom_metadata or {})
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()

@@ -5,8 +5,9 @@
 Per step: batch -> step; metrics every `log_every` (TensorBoard + console); non-finite streak check;
 checkpoint every `checkpoint_every`; sample restorations every `sample_every`; SIGTERM -> checkpoint
 at the current step and return 'preempted'. A run resumes from `<workdir>/checkpoints` (state + data
-position; frozen params are rebuilt, never checkpointed) and ends with a final checkpoint and
-`<workdir>/export` (EMA of the trained networks + the frozen ones).
+position; frozen params are rebuilt, never checkpointed, and must match the checkpoint's: see
+resume_check.py) and ends with a final checkpoint and `<workdir>/export` (EMA of the trained networks
++ the frozen ones). One run at a time per workdir (workdir_lock.py).
 """
 import logging
 import os
@@ -22,11 +23,12 @@ from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.export import save_export
 from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
 from diffrestorer_jax.parallel import mesh as mesh_lib
-from diffrestorer_jax.train import optim
+from diffrestorer_jax.train import optim, resume_check
 from diffrestorer_jax.train.checkpoint import Checkpointer
 from diffrestorer_jax.train.metrics_writer import MetricsWriter
 from diffrestorer_jax.train.preemption import PreemptionGuard
 from diffrestorer_jax.train.run import Run
+from diffrestorer_jax.train.workdir_lock import WorkdirLock
 
 
 def _sample_images(run: Run, state, frozen, lq: np.ndarray, step: int) -> Dict[str, np.ndarray]:
@@ -47,28 +49,54 @@ def _sample_lq(run: Run, data) -> np.ndarray:
 
 
 def train(config, workdir: str, devices=None, compiler_options=None, max_steps: Optional[int] = None,
-          guard: Optional[PreemptionGuard] = None, run: Optional[Run] = None) -> str:
+          guard: Optional[PreemptionGuard] = None, run: Optional[Run] = None,
+          allow_config_changes: bool = False) -> str:
     """Train until `config.train.num_steps` (or `max_steps` more steps); 'done' | 'preempted'.
 
     `run`: a `Run` already built for this very config (devices, compiler options), reused with its
     compiled step and init, e.g. to restart in the same process; `workdir` says where to write.
+    `allow_config_changes`: resume even where the checkpoint's config or frozen weights differ.
     """
     run = Run(config, devices, compiler_options) if run is None else run
     workdir = os.path.abspath(workdir)
     tcfg = config.train
     # Data first: a data mistake stops the run before anything is written.
     data = sources.make_data(config, run.batch_layout)
+    lock = WorkdirLock(workdir, primary=jax.process_index() == 0)
+    note = lock.acquire()
+    if note:
+        logging.warning(note)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.checkpoint_every,
                         tcfg.keep_checkpoints)
+    run_info = {"frozen_fingerprint": resume_check.fingerprint(run.given)}
+    try:
+        state, frozen = _resume_or_init(run, config, data, ckpt, run_info, allow_config_changes)
+        return _loop(run, config, workdir, data, ckpt, lock, run_info, state, frozen, max_steps, guard)
+    finally:
+        ckpt.close()
+        lock.release()
+
+
+def _resume_or_init(run, config, data, ckpt, run_info, allow_config_changes):
+    """(state, frozen): from the latest checkpoint (checked against this run) or a fresh init."""
     latest = ckpt.latest_step()
     if latest is not None:
+        # checked before the state is read: another model's state would not even restore
+        for line in resume_check.check_resume(
+                ckpt.saved_config(latest), config, ckpt.saved_run_info(latest).get("frozen_fingerprint"),
+                run_info["frozen_fingerprint"], allow_config_changes):
+            print(f"changed since the checkpoint: {line}", flush=True)
         state, _, data_state = ckpt.restore(run.plan.state_target)
         data.set_state(data_state)
         frozen = run.frozen()
         logging.info("resumed from step %d of %s", latest, ckpt.directory)
         print(f"resumed at step {int(jax.device_get(state.step))}", flush=True)
-    else:
-        state, frozen = run.init()
+        return state, frozen
+    return run.init()
+
+
+def _loop(run, config, workdir, data, ckpt, lock, run_info, state, frozen, max_steps, guard):
+    tcfg = config.train
     start = int(jax.device_get(state.step))
     end = int(tcfg.num_steps) if max_steps is None else min(int(tcfg.num_steps), start + max_steps)
     writer = MetricsWriter(os.path.join(workdir, "tb"), int(tcfg.num_steps), start)
@@ -95,26 +123,29 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
                 t_last, n_last = time.time(), step - start
                 writer.scalars(step, values)
                 print(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()), flush=True)
+                lock.refresh()
                 optim.check_nonfinite_streak(state.opt_state, int(tcfg.max_consecutive_skips), step)
-            ckpt.maybe_save(step, state, config, data.get_state())
+                if state.disc_opt_state is not None:
+                    optim.check_nonfinite_streak(state.disc_opt_state, int(tcfg.max_consecutive_skips),
+                                                 step, what="discriminator")
+            ckpt.maybe_save(step, state, config, data.get_state(), run_info=run_info)
             if (config.stage in ("stage1", "stage2") and int(tcfg.sample_every) > 0
                     and step % int(tcfg.sample_every) == 0):
                 sample_lq = _sample_lq(run, data) if sample_lq is None else sample_lq
                 writer.images(step, _sample_images(run, state, frozen, sample_lq, step))
             if guard.should_stop(step):
-                ckpt.save(step, state, config, data.get_state())
+                ckpt.save(step, state, config, data.get_state(), run_info=run_info)
                 ckpt.wait()
                 print(f"preempted: checkpoint saved at step {step}", flush=True)
                 status = "preempted"
                 break
         if status == "done":
-            ckpt.save(step, state, config, data.get_state())
+            ckpt.save(step, state, config, data.get_state(), run_info=run_info)
             ckpt.wait()
             if step >= int(tcfg.num_steps):
                 save_export(os.path.join(workdir, "export"), run.export_params(state, frozen), config)
                 print(f"exported to {os.path.join(workdir, 'export')}", flush=True)
     finally:
-        ckpt.close()
         writer.close()
         if own_guard:
             guard.close()

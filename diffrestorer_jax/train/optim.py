@@ -118,17 +118,18 @@ def nonfinite_streak(opt_state) -> jax.Array:
     return optax.tree_utils.tree_get(opt_state, "notfinite_count")
 
 
-def check_nonfinite_streak(opt_state, limit: int, step: Any = None) -> None:
+def check_nonfinite_streak(opt_state, limit: int, step: Any = None, what: str = "optimizer") -> None:
     """Raise a readable error when `limit` (> 0) updates in a row were non-finite.
 
-    Reads one scalar from the device; call it at the loop's logging cadence, not necessarily every step.
+    Reads one scalar from the device; call it at the loop's logging cadence, not necessarily every
+    step. `what` names the optimizer in the message (the stage-2 discriminator has its own).
     """
     streak = int(jax.device_get(nonfinite_streak(opt_state)))
     if limit > 0 and streak >= limit:
         raise FloatingPointError(
-            f"{streak} optimizer updates in a row had non-finite gradients (at step {step}); the run "
+            f"{streak} {what} updates in a row had non-finite gradients (at step {step}); the run "
             "stops rather than train on garbage. Lower the learning rate, check the data for NaNs, or "
-            "raise the limit (config max_nonfinite_updates) and resume from the last checkpoint.")
+            "raise the limit (config.train.max_consecutive_skips) and resume from the last checkpoint.")
 
 
 def update_ema(ema_params, params, decay: float):

@@ -4,8 +4,9 @@ All runs train the same tiny stage-1 program (32x32, synthetic degradations insi
 (2, 4) data x fsdp mesh for 10 steps, checkpointing every 3:
   ref     one process x 8 fake devices, uninterrupted -> export
   multi   two processes x 4 devices (jax.distributed on localhost) -> the same export as ref
-  faults  SIGKILL once the step-3 checkpoint is on disk; resume; SIGTERM mid-run -> exit 0 with a
-          checkpoint at the current step; resume to the end -> parameters bit-identical to ref.
+  faults  SIGKILL during a save after step 3's; resume (the interrupted save cleaned up);
+          SIGTERM mid-run -> exit 0 with a checkpoint at the current step; resume to the end ->
+          parameters bit-identical to ref.
 A persistent XLA cache shared by the subprocesses keeps the later launches from recompiling.
 """
 import os
@@ -66,20 +67,26 @@ def test_two_processes_equal_one(ref, tmp_path):
 
 def test_sigkill_then_sigterm_then_resume_is_bit_identical(ref, tmp_path):
     run, ckdir = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    # 1. SIGKILL as soon as the step-3 checkpoint is committed (Orbax renames its tmp dir at the end).
+    # 1. SIGKILL in the middle of a save after step 3's is committed (Orbax writes a step into a tmp
+    # folder and renames it at the end).
     w = launch(run, tmp_path / "log1.txt")
     deadline = time.time() + 2400
-    while not (ckdir / "3").is_dir():
+    later_save = lambda: [p for p in ckdir.glob("*.orbax-checkpoint-tmp*") if not p.name.startswith("3.")]  # noqa: E731
+    while not ((ckdir / "3").is_dir() and later_save()):
         assert w.proc.poll() is None, w.output()[-4000:]
         assert time.time() < deadline, w.output()[-4000:]
-        time.sleep(0.05)
+        time.sleep(0.01)
     w.signal(signal.SIGKILL)
     w.wait(60)
     assert not (run / "export").exists(), "killed run should not have finished"
-    # 2. Resume; SIGTERM mid-run: checkpoint at the current step, exit 0.
+    interrupted = int(later_save()[0].name.split(".")[0])
+    committed = max(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+    assert committed < interrupted, "the kill should interrupt a save"
+    # 2. Resume from the last committed step (the interrupted save's folder is removed); SIGTERM
+    # mid-run: checkpoint at the current step, exit 0.
     w = launch(run, tmp_path / "log2.txt")
     resumed = int(w.wait_for(r"resumed at step (\d+)", 2400).group(1))
-    assert 3 <= resumed < STEPS
+    assert resumed == committed and not list(ckdir.glob("*tmp*"))
     w.wait_for(rf"^step {resumed + 1} ", 300)
     w.signal(signal.SIGTERM)
     assert w.wait(300) == 0, w.output()[-4000:]

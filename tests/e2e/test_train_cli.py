@@ -1,0 +1,22 @@
+"""diffrestorer-train's own stops: too many non-finite updates in a row end the run with exit status 2
+and a message naming the config key, no traceback (a tiny VAE step, the cheapest to compile)."""
+import procs
+
+
+def test_non_finite_streak_stops_the_command(tmp_path):
+    worker = procs.Worker(
+        procs.command("diffrestorer-train"),
+        ["--config", "configs/tiny.py:prior_vae", "--workdir", tmp_path / "run", "--fast_compile",
+         "--config.image_size=16", "--config.train.batch_size=2", "--config.data.kind=skimage",
+         "--config.train.learning_rate=1e30", "--config.train.warmup_steps=0",
+         "--config.train.clip_grad_norm=0", "--config.train.max_consecutive_skips=2",
+         "--config.train.log_every=1", "--config.train.num_steps=20"],
+        procs.worker_env(1), str(tmp_path / "log.txt"))
+    try:
+        assert worker.wait(900) == 2, worker.output()[-3000:]
+    finally:
+        worker.kill()
+    out = worker.output()
+    assert "Traceback" not in out
+    assert "updates in a row had non-finite gradients" in out and "config.train.max_consecutive_skips" in out
+    assert "training done" not in out and not (tmp_path / "run" / "export").exists()
