@@ -20,6 +20,7 @@ the same number of steps per epoch and never wait on each other in a collective.
 import collections
 import copy
 import functools
+import logging
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import grain
@@ -29,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from diffrestorer_jax.data.degradations import RANDOM
-from diffrestorer_jax.data.image_io import decode_image, to_uint8
+from diffrestorer_jax.data.image_io import ImageReadError, decode_image, to_uint8
 
 Batch = Dict[str, Any]
 
@@ -116,6 +117,33 @@ def to_example(record: Dict[str, Any]) -> Dict[str, Any]:
             "type_id": np.int32(record["type_id"])}
 
 
+class ReadableExamples:
+    """A source's records as examples (`to_example`), an unreadable record (corrupt or truncated
+    image bytes) replaced by the next readable one: the same replacement every time, so a resumed run
+    sees the batches an uninterrupted one did, and one bad record is never fatal. Each is reported
+    once, with the running count (`skipped`: index -> reason)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.skipped: Dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        n = len(self.source)
+        for k in range(n):
+            i = (int(index) + k) % n
+            try:
+                return to_example(self.source[i])
+            except ImageReadError as e:
+                if i not in self.skipped:
+                    self.skipped[i] = e.reason
+                    logging.warning("skipping unreadable record %d (%s): %s; %d skipped so far", i, e.path,
+                                    e.reason, len(self.skipped))
+        raise ImageReadError(f"all {n} records", "no record of this dataset can be read")
+
+
 def _resize(image: np.ndarray, hw) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BICUBIC))
 
@@ -163,7 +191,7 @@ def host_records(source: Union[Any, Mixture], config: ml_collections.ConfigDict,
     parts = source.sources if isinstance(source, Mixture) else [source]
     datasets = []
     for k, part in enumerate(parts):
-        ds = host_shard(part, process_index, process_count)
+        ds = host_shard(ReadableExamples(part), process_index, process_count)
         if config.shuffle:
             ds = ds.shuffle(seed=config.seed + k)
         datasets.append(ds.repeat(config.num_epochs))
@@ -181,7 +209,6 @@ def build_dataset(source, config: ml_collections.ConfigDict, *, process_index: i
                          f"{process_count} hosts")
     local_batch = config.global_batch_size // process_count
     ds = host_records(source, config, process_index=process_index, process_count=process_count)
-    ds = ds.map(to_example)
     crop = functools.partial(crop_and_flip, size=config.crop_size, flip=config.flip)
     ds = ds.random_map(crop, seed=(config.seed * 1_000_003 + process_index) % 2**31)
     ds = ds.batch(local_batch, drop_remainder=True).map(_to_float)

@@ -10,6 +10,7 @@ a resumed run sees exactly the batches of an uninterrupted one), `example_batch(
 like a batch: what the step is compiled for) and `sample_hq(n)` (fixed crops for periodic samples).
 Batches carry global example ids step * batch + i ('index'), the keys of per-example randomness.
 """
+import logging
 import os
 from typing import Any, Callable, Dict, Optional
 
@@ -101,13 +102,22 @@ def load_training_images(config) -> np.ndarray:
         from diffrestorer_jax.data import demo_photos  # never the held-out coffee / rocket
         return demo_photos.train_photos(load)
     if kind == "hq_folder":
-        from diffrestorer_jax.data.image_io import read_image, square
+        from diffrestorer_jax.data.image_io import ImageReadError, read_image, square
         folder = config.data.hq_dir
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) if folder else []
-        if not files:
-            raise FileNotFoundError(f"config.data.hq_dir={folder!r} holds no images "
+        images = []
+        for f in files:
+            try:
+                images.append(square(read_image(os.path.join(folder, f)), load))
+            except ImageReadError as e:
+                logging.warning("skipping unreadable training image %s: %s", e.path, e.reason)
+        if len(images) < len(files):
+            print(f"{len(files) - len(images)} of {len(files)} images in {folder} could not be read and "
+                  "are skipped (named in the warnings above)", flush=True)
+        if not images:
+            raise FileNotFoundError(f"config.data.hq_dir={folder!r} holds no readable images "
                                     f"({', '.join(IMAGE_EXTENSIONS)})")
-        return np.stack([square(read_image(os.path.join(folder, f)), load) for f in files])
+        return np.stack(images)
     raise DataConfigError(f"config.data.kind={kind!r}: use 'skimage', 'hq_folder' or 'tfds'")
 
 

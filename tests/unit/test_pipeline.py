@@ -144,3 +144,32 @@ def test_mixture_interleaves_by_weight_deterministically_and_resumes():
         pl.Mixture([a, b], [1])
     with pytest.raises(ValueError, match="positive"):
         pl.Mixture([a, b], [1, -1])
+
+
+class _EncodedSource:
+    """Records as a built TFDS set holds them (PNG bytes); `bad` indices hold corrupt bytes."""
+
+    def __init__(self, images, bad):
+        from diffrestorer_jax.data.image_io import encode_png
+        self.records = [{"image": b"\x89PNG broken" if i in bad else encode_png(im), "file_name": f"r{i}"}
+                        for i, im in enumerate(images)]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+
+def test_a_corrupt_record_is_replaced_by_the_next_one_every_time(caplog):
+    """An unreadable record never stops the pipeline (nor its resume): the next readable record takes
+    its place, the same one every time, and it is reported once with the count."""
+    images = _flat_images(8)
+    source = _EncodedSource(images, bad={3})
+    cfg = _config(shuffle=False, global_batch_size=8)
+    with caplog.at_level("WARNING"):
+        batch = _take(pl.make_pipeline(source, cfg, process_index=0, process_count=1), 1)[0]
+    assert _ids(batch) == [0, 1, 2, 4, 4, 5, 6, 7]
+    assert sum("skipping unreadable record 3" in r.message for r in caplog.records) == 1
+    again = _take(pl.make_pipeline(source, cfg, process_index=0, process_count=1), 1)[0]
+    np.testing.assert_array_equal(again["hq"], batch["hq"])

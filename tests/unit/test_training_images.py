@@ -1,0 +1,25 @@
+"""The in-memory training source (`config.data.kind='hq_folder'`): unreadable images in the folder are
+skipped and named; a folder with none readable is an error naming it."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import tiny
+from diffrestorer_jax.data import sources
+
+
+def test_unreadable_images_are_skipped_and_named(tmp_path, caplog, capsys):
+    for i in range(2):
+        Image.fromarray(np.full((96, 96, 3), 60 * i, np.uint8)).save(tmp_path / f"ok{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    c = tiny.get_config("stage1")
+    c.data.kind, c.data.hq_dir = "hq_folder", str(tmp_path)
+    with caplog.at_level("WARNING"):
+        images = sources.load_training_images(c)
+    assert images.shape[0] == 2
+    assert any("broken.png" in r.message for r in caplog.records)
+    assert "1 of 3 images" in capsys.readouterr().out
+    (tmp_path / "ok0.png").unlink()
+    (tmp_path / "ok1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no readable images"):
+        sources.load_training_images(c)
