@@ -5,9 +5,10 @@
 
 One PNG per input (same relative path and name, extension .png, same size as the input) and a JSON
 sidecar next to it with every setting, the seed, the image id and the predicted degradation-type
-probabilities. Existing outputs are skipped unless --overwrite. A file that cannot be read is named
-on stderr with the reason and the rest goes on; the exit status is then 1 (2 for a bad command line,
-checkpoint or input). An output does not depend on the batch size, the device count or the other
+probabilities. An existing output is skipped when its sidecar shows the same settings and checkpoint
+(--overwrite redoes it anyway). A file that cannot be read, or a batch that fails, is named on
+stderr with the reason and the rest goes on; the exit status is then 1 (2 for a bad command line,
+checkpoint, input or output folder). An output does not depend on the batch size, the device count or the other
 files (diffrestorer_jax/infer/restorer.py). On several hosts, run the same command on every host.
 """
 import argparse
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
         overrides = restore_options.parse_overrides(rest)
         options = restore_options.options_from_args(args)
         inputs = files.find_inputs(args.input)
+        files.check_output_folder(inputs, args.output)  # before the (slow) model load
         restorer = Restorer.from_export(args.checkpoint, options, overrides)
         summary = files.restore_files(
             restorer, inputs, args.output, overwrite=args.overwrite, progress=not args.no_progress,

@@ -8,13 +8,21 @@ Documented behaviour for odd inputs (each has a test in tests/unit/test_image_io
   - palette, CMYK, YCbCr, LAB, HSV are converted to RGB by Pillow;
   - more pixels than Pillow's `Image.MAX_IMAGE_PIXELS` (a decompression bomb guard) is refused;
   - missing, zero-byte, non-image, truncated or corrupt files raise `ImageReadError`, which names
-    the file and the reason; no other exception type escapes.
+    the file and the reason; no other exception type escapes;
+  - special files (a FIFO or device named like an image) are refused before they are opened;
+  - what a file holds beyond 8-bit RGB (animation frames, 16-bit or float samples) is named by
+    `precision_notes`: outputs are 8-bit RGB PNGs.
+Writes are atomic (a temporary file renamed into place) and get the user's umask permissions;
+temporary files of a killed writer are removed by `remove_stale_temporaries`.
 """
 import io
 import os
+import socket
+import stat
 import tempfile
+import time
 import warnings
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -91,9 +99,41 @@ def _decode(source, name: str, max_pixels: Optional[int]) -> np.ndarray:
 
 def read_image(path: PathLike, max_pixels: Optional[int] = None) -> np.ndarray:
     """Read an image file -> float32 [H, W, 3] in [0, 1] (see the module docstring for odd files)."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except OSError as e:
+        raise ImageReadError(path, e.strerror or str(e)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(path, "is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device): not read")
+    if st.st_size == 0:
         raise ImageReadError(path, "empty (zero-byte) file")
     return _decode(os.fspath(path), str(path), max_pixels)
+
+
+def precision_notes(path: PathLike) -> List[str]:
+    """What of the file is not carried into an 8-bit RGB output (read from the header only)."""
+    notes = []
+    try:
+        with Image.open(path) as im:
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            if frames > 1:
+                notes.append(f"animated ({frames} frames): only the first frame is restored")
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                notes.append("16-bit samples: the output PNG has 8 bits per channel")
+            elif im.mode == "F":
+                notes.append("floating-point samples (clipped to [0, 1]): the output PNG has 8 bits per channel")
+            elif im.format == "PNG":
+                with open(path, "rb") as f:
+                    head = f.read(26)
+                if len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16:
+                    notes.append("16 bits per channel, read at 8 (Pillow decodes 48/64-bit PNG at 8 bits)")
+    except Exception:  # noqa: BLE001  unreadable files are reported by read_image, not here
+        pass
+    return notes
 
 
 def decode_image(data: bytes, name: str = "<bytes>", max_pixels: Optional[int] = None) -> np.ndarray:
@@ -118,21 +158,71 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_png(path: PathLike, image: np.ndarray) -> None:
-    """Write image as PNG atomically: a temp file in the same folder renamed over `path`, so readers
-    never see a half-written file even if the writer is killed."""
+TEMP_PREFIX = ".tmp-diffrestorer-"
+
+
+def _file_mode() -> int:
+    """0o666 less the process umask: what `open` would give a new file (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: PathLike, data: bytes) -> None:
+    """Write bytes to `path` atomically: a temporary file in the same folder (named after this host
+    and process, see `remove_stale_temporaries`) renamed over `path`, with umask permissions; readers
+    never see a half-written file, and a failed write leaves no temporary behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+                               suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(encode_png(image))
+            f.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_png(path: PathLike, image: np.ndarray) -> None:
+    """Write image as an 8-bit RGB PNG, atomically (`write_atomic`)."""
+    write_atomic(path, encode_png(image))
+
+
+def remove_stale_temporaries(folder: PathLike, max_age_s: float = 86400.0) -> int:
+    """Remove temporary files that killed writers left under `folder`: this host's whose process is
+    gone, and any older than `max_age_s` (another host's). Returns how many were removed."""
+    host, removed = socket.gethostname(), 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            path = os.path.join(root, name)
+            rest = name[len(TEMP_PREFIX):]
+            pid_text = rest[len(host) + 1:].split("-", 1)[0] if rest.startswith(host + "-") else ""
+            try:
+                stale = (pid_text.isdigit() and not _process_alive(int(pid_text))) or \
+                    time.time() - os.path.getmtime(path) > max_age_s
+                if stale:
+                    os.remove(path)
+                    removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def square(image: np.ndarray, size: int) -> np.ndarray:

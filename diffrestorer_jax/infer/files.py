@@ -1,6 +1,7 @@
 """Files in, files out: which inputs a restore run takes and where each output goes.
 
     inputs = find_inputs("photos/")                  # FILE, DIR (recursive) or 'GLOB'
+    check_output_folder(inputs, "restored/")         # before the model is loaded
     summary = restore_files(restorer, inputs, "restored/")
 
 One PNG per input (same relative path, extension .png) and a JSON sidecar with every setting, the
@@ -9,43 +10,67 @@ image id and the predicted degradation-type probabilities. An image's id (its no
 folder for `--input FILE`, the glob's directory part for `--input 'DIR/*.jpg'`, so `--input photos`
 and `--input photos/a.png` give a.png the same id. On several hosts each process takes every
 process_count-th file.
+
+What a run guarantees: a file that cannot be read, or a batch that fails (out of memory, anything
+unexpected), is reported with its reason and the rest is written; outputs are written atomically
+with the user's umask; an existing output is kept only if its sidecar says it was made with the same
+settings and checkpoint; no two inputs share an output name, even on a case-insensitive file system.
 """
 import dataclasses
 import glob as globlib
+import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 
-from diffrestorer_jax.data.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image, write_png
+from diffrestorer_jax.data.image_io import (IMAGE_EXTENSIONS, ImageReadError, precision_notes, read_image,
+                                            remove_stale_temporaries, write_atomic, write_png)
 from diffrestorer_jax.infer.restorer import Restorer, RestoreError, path_image_id
+
+# Sidecar fields that decide an output's pixels (batch size and device count do not: restorer.py).
+DECIDING = ("seed", "settings", "knobs", "color_fix", "latent_tile", "tile_overlap", "checkpoint",
+            "checkpoint_id")
 
 
 @dataclasses.dataclass
 class InputSet:
     root: str
     files: List[str]  # sorted, absolute
+    kind: str = "dir"  # dir | file | glob
+    special: List[str] = dataclasses.field(default_factory=list)  # FIFOs etc. named like images
 
 
 _GLOB_CHARS = "*?["
 
 
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def find_inputs(spec: str) -> InputSet:
-    """FILE, DIR (recursive, image extensions, hidden files skipped) or GLOB -> InputSet."""
+    """FILE, DIR (recursive, image extensions, hidden files skipped) or GLOB -> InputSet. Special
+    files (a FIFO named x.png) are set aside in `special`, never opened."""
     spec = os.path.expanduser(spec)
     if os.path.isdir(spec):
-        root = spec
+        root, kind = spec, "dir"
         files = [os.path.join(d, f) for d, _, fs in os.walk(spec) for f in fs
                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files:
             raise RestoreError(f"--input {spec}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
     elif os.path.exists(spec):
-        root, files = os.path.dirname(spec) or ".", [spec]
+        if not _regular(spec):
+            raise RestoreError(f"--input {spec}: not a regular file (a FIFO, socket or device)")
+        root, files, kind = os.path.dirname(spec) or ".", [spec], "file"
     elif any(c in spec for c in _GLOB_CHARS):
-        files = [p for p in globlib.glob(spec, recursive=True) if os.path.isfile(p)]
+        files = [p for p in globlib.glob(spec, recursive=True) if os.path.exists(p) and not os.path.isdir(p)]
         if not files:
             raise RestoreError(f"--input {spec}: the pattern matches no files")
         parts = spec.replace(os.sep, "/").split("/")
@@ -54,22 +79,47 @@ def find_inputs(spec: str) -> InputSet:
             if any(c in part for c in _GLOB_CHARS):
                 break
             fixed.append(part)
-        root = "/".join(fixed) or "."
+        root, kind = "/".join(fixed) or ".", "glob"
     else:
         raise RestoreError(f"--input {spec}: no such file or folder")
-    root = os.path.abspath(root)
-    return InputSet(root, sorted(os.path.abspath(f) for f in files))
+    files = sorted(os.path.abspath(f) for f in files)
+    return InputSet(os.path.abspath(root), [f for f in files if _regular(f)], kind,
+                    [f for f in files if not _regular(f)])
+
+
+def check_output_folder(inputs: InputSet, out_dir: str) -> None:
+    """Refuse an output folder inside (or equal to) a folder input (outputs would become inputs of
+    the next run) and one that cannot be written; called before the model is loaded."""
+    out = os.path.abspath(out_dir)
+    if inputs.kind != "file" and (out == inputs.root or out.startswith(os.path.join(inputs.root, ""))):
+        raise RestoreError(f"--output {out_dir} is inside --input {inputs.root}: the next run would take "
+                           "the outputs for inputs; choose an output folder outside it")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise RestoreError(f"--output {out_dir} cannot be written: {e.strerror or e}") from None
 
 
 def output_paths(inputs: InputSet, out_dir: str) -> Dict[str, str]:
-    """Input -> output PNG: same relative path and name, extension .png; where two inputs would
-    collide (a.jpg, a.png) both keep their extension in the name (a.jpg.png, a.png.png)."""
+    """Input -> output PNG: the same relative path with extension .png; where that would collide
+    (a.jpg and a.png; on a case-insensitive file system A.png and a.png) the input's whole name is
+    kept (a.jpg.png), and where even that collides (with an input named a.jpg.png), a short hash of
+    the input's path is added (a.jpg~3f2a9c01.png). The result depends only on the set of inputs."""
     rel = {f: os.path.relpath(f, inputs.root) for f in inputs.files}
-    stem = {f: os.path.splitext(r)[0] for f, r in rel.items()}
+    first = {f: os.path.splitext(r)[0] + ".png" for f, r in rel.items()}
     counts: Dict[str, int] = {}
-    for s in stem.values():
-        counts[s] = counts.get(s, 0) + 1
-    return {f: os.path.join(out_dir, (stem[f] if counts[stem[f]] == 1 else rel[f]) + ".png") for f in inputs.files}
+    for name in first.values():
+        counts[name.casefold()] = counts.get(name.casefold(), 0) + 1
+    chosen = {f: n for f, n in first.items() if counts[n.casefold()] == 1}
+    used = {n.casefold() for n in chosen.values()}
+    for f in sorted(set(rel) - set(chosen)):
+        digest = hashlib.sha256(os.fsencode(rel[f])).hexdigest()
+        options = [rel[f] + ".png"] + [f"{os.path.splitext(rel[f])[0]}~{digest[:k]}.png" for k in (8, 16, 64)]
+        chosen[f] = next(n for n in options if n.casefold() not in used)
+        used.add(chosen[f].casefold())
+    return {f: os.path.join(out_dir, chosen[f]) for f in inputs.files}
 
 
 def sidecar_path(png_path: str) -> str:
@@ -77,12 +127,17 @@ def sidecar_path(png_path: str) -> str:
 
 
 def _write_json(path: str, data) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2).encode())
+
+
+def _made_with(sidecar: str, settings: Dict[str, Any]) -> bool:
+    """Whether an existing output's sidecar records these very settings and checkpoint."""
+    try:
+        with open(sidecar) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == settings.get(k) for k in DECIDING)
 
 
 @dataclasses.dataclass
@@ -101,25 +156,35 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
                   log: Callable[[str], None] = _stderr) -> Summary:
     """Restore this process's share of `inputs` into `out_dir` (PNG + JSON sidecar per image).
-    A file that cannot be read or written is logged (one line naming it and why) and skipped."""
+    Every file that cannot be read, restored or written is logged (one line naming it and why) and
+    listed in the summary; the others are written."""
     from tqdm import tqdm
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    out_root = os.path.join(os.path.abspath(out_dir), "")
-    inside = [f for f in inputs.files if f.startswith(out_root)]
-    if inside:  # --output inside --input: earlier outputs are not inputs
-        log(f"ignoring {len(inside)} input file(s) inside the output folder {out_dir}")
-        inputs = InputSet(inputs.root, [f for f in inputs.files if not f.startswith(out_root)])
-    outputs = output_paths(inputs, os.path.abspath(out_dir))
+    out_dir = os.path.abspath(out_dir)
+    removed = remove_stale_temporaries(out_dir) if os.path.isdir(out_dir) else 0
+    if removed:
+        log(f"removed {removed} temporary file(s) left in {out_dir} by an interrupted run")
+    outputs = output_paths(inputs, out_dir)
     summary = Summary()
-    todo = []
+    for f in inputs.special:
+        summary.failed.append((f, "not a regular file (a FIFO, socket or device): not read"))
+        log(f"error: {f}: not a regular file (a FIFO, socket or device): not read")
+    common = restorer.describe()
+    todo, redo = [], 0
     for f in inputs.files[pi::pc]:
-        if not overwrite and os.path.exists(outputs[f]) and os.path.exists(sidecar_path(outputs[f])):
-            summary.skipped.append(outputs[f])
-        else:
-            todo.append(f)
+        out = outputs[f]
+        if not overwrite and os.path.exists(out) and os.path.exists(sidecar_path(out)):
+            if _made_with(sidecar_path(out), common):
+                summary.skipped.append(out)
+                continue
+            redo += 1
+        todo.append(f)
     if summary.skipped:
-        log(f"{len(summary.skipped)} output(s) already exist, skipped (--overwrite redoes them)")
+        log(f"{len(summary.skipped)} output(s) made with these settings already exist, skipped "
+            "(--overwrite redoes them)")
+    if redo:
+        log(f"{redo} existing output(s) were made with other settings or another checkpoint: redone")
     bar = tqdm(total=len(todo), unit="img", desc="restoring", disable=not progress, file=sys.stderr)
     say = (lambda m: bar.write(m, file=sys.stderr)) if progress else log
 
@@ -128,6 +193,8 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
         say(f"error: {path}: {reason}")
         bar.update(1)
 
+    notes: Dict[str, List[str]] = {}
+
     def items():
         for f in todo:
             try:
@@ -135,14 +202,18 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
             except ImageReadError as e:
                 fail(f, e.reason)
                 continue
-            rel = os.path.relpath(f, inputs.root)
-            yield f, image, path_image_id(rel)
+            notes[f] = precision_notes(f)
+            for note in notes[f]:
+                say(f"note: {f}: {note}")
+            yield f, image, path_image_id(os.path.relpath(f, inputs.root))
 
-    common = restorer.describe()
-    for f, image, info in restorer.restore_stream(items()):
+    for f, image, info in restorer.restore_stream(items(), on_error="yield"):
+        if image is None:
+            fail(f, info["error"])
+            continue
         out = outputs[f]
         record = {"input": f, "relative_path": os.path.relpath(f, inputs.root).replace(os.sep, "/"),
-                  "output": out, **info, **common, **(extra or {})}
+                  "output": out, **info, **common, "notes": notes.pop(f, []), **(extra or {})}
         try:
             write_png(out, image)
             _write_json(sidecar_path(out), record)

@@ -36,9 +36,10 @@ class RestoreError(Exception):
 
 def path_image_id(relpath: str) -> int:
     """Stable id of a file from its '/'-separated path relative to the input root: the first 31 bits
-    of its SHA-256, so an output does not change when other files are added or removed."""
+    of the SHA-256 of its bytes as on disk (`os.fsencode`: UTF-8, and names that are not valid UTF-8
+    too), so an output does not change when other files are added or removed."""
     rel = relpath.replace(os.sep, "/")
-    return int.from_bytes(hashlib.sha256(rel.encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+    return int.from_bytes(hashlib.sha256(os.fsencode(rel)).digest()[:4], "big") & 0x7FFFFFFF
 
 
 @dataclasses.dataclass
@@ -58,6 +59,19 @@ class Options:
     tile_overlap: Optional[int] = None  # latent pixels; None: a quarter of the tile
     batch_size: int = 1
     num_devices: Optional[int] = None  # None: all local devices
+
+
+def checkpoint_id(directory: str) -> str:
+    """A short id of an export's contents: its config and the commit record of its parameters
+    (rewritten by every save), so outputs can tell which export made them."""
+    h = hashlib.sha256()
+    for name in ("config.json", os.path.join("params", "_CHECKPOINT_METADATA")):
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            h.update(b"-")
+    return h.hexdigest()[:16]
 
 
 def _stamp(directory: str):
@@ -171,7 +185,8 @@ class Restorer:
                 "knobs": {k: float(v) for k, v in dataclasses.asdict(self.knobs).items()},
                 "color_fix": self.options.color_fix, "latent_tile": self.latent_tile,
                 "tile_overlap": self.tile_overlap, "batch_size": self.batch_size,
-                "num_devices": self.num_devices, "checkpoint": self.source}
+                "num_devices": self.num_devices, "checkpoint": self.source,
+                "checkpoint_id": checkpoint_id(self.source) if self.source else ""}
 
     def program(self, settings: RestoreSettings):
         """The jitted program of a bucket's settings (compiled on first use, once per bucket shape)."""
@@ -185,9 +200,14 @@ class Restorer:
         images, probs, fixed = program(self.params, lq, self.key, self.schedule, self.knobs, image_ids)
         return np.asarray(images), np.asarray(probs), np.asarray(fixed)
 
-    def restore_stream(self, items: Iterable[Tuple[Any, np.ndarray, int]]) -> Iterator[Tuple[Any, np.ndarray, Dict]]:
+    def restore_stream(self, items: Iterable[Tuple[Any, np.ndarray, int]], on_error: str = "raise"
+                       ) -> Iterator[Tuple[Any, Optional[np.ndarray], Dict]]:
         """(tag, image [H, W, 3], image id) -> (tag, restored [H, W, 3], info), batched per bucket
-        (at most one partly filled batch per bucket is held); results come when a batch is full."""
+        (at most one partly filled batch per bucket is held); results come when a batch is full.
+
+        A batch that fails (out of device memory, anything unexpected) raises a RestoreError with
+        `on_error='raise'`; with 'yield' its images come out as (tag, None, {'error': reason}) and
+        the stream goes on with the next batch."""
         queues: Dict[buckets.Bucket, List] = {}
         for item in items:
             image = item[1]
@@ -195,16 +215,24 @@ class Restorer:
             queue = queues.setdefault(b, [])
             queue.append(item)
             if len(queue) == self.batch_size:
-                yield from self._flush(b, queue)
+                yield from self._flush(b, queue, on_error)
                 queues[b] = []
         for b, queue in sorted(queues.items()):
             if queue:
-                yield from self._flush(b, queue)
+                yield from self._flush(b, queue, on_error)
 
-    def _flush(self, bucket, queue):
+    def _flush(self, bucket, queue, on_error="raise"):
         batch, n = buckets.fill_batch([buckets.pad_to(img, bucket) for _, img, _ in queue], self.batch_size)
         ids = np.array([i for _, _, i in queue] + [queue[0][2]] * (self.batch_size - n), np.int64)
-        images, probs, fixed = self.restore_batch(batch, ids)
+        try:
+            images, probs, fixed = self.restore_batch(batch, ids)
+        except Exception as e:  # noqa: BLE001  XLA, out-of-memory and anything else: this batch fails
+            reason = _batch_error(e, bucket, self.batch_size)
+            if on_error != "yield":
+                raise RestoreError(reason) from e
+            for tag, _, _ in queue:
+                yield tag, None, {"error": reason}
+            return
         settings = self.settings_for(bucket)
         for k, (tag, img, image_id) in enumerate(queue):
             p = probs[k].astype(float)
@@ -220,3 +248,12 @@ class Restorer:
         results = {tag: (img, info) for tag, img, info in
                    self.restore_stream((k, np.asarray(x, np.float32), int(i)) for k, (x, i) in enumerate(zip(images, ids)))}
         return [results[k] for k in range(len(images))]
+
+
+def _batch_error(e: Exception, bucket, batch_size: int) -> str:
+    """One readable line for a failed batch (the first line of the error, and what to try)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    reason = f"restoring a batch of {batch_size} at {bucket[0]}x{bucket[1]} failed ({type(e).__name__}: {text[:300]})"
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+        reason += "; try a smaller --batch-size or --tile"
+    return reason

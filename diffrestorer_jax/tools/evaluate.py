@@ -71,7 +71,7 @@ def load_pairs(data: str, split: str = "test", max_per_type: Optional[int] = Non
             file_name = rec["file_name"]
             file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
             if take(type_name):
-                name = f"{type_name}/{os.path.basename(file_name)}"
+                name = pair_name(file_name)
                 entries.append((name, type_name, lambda r=rec, n=name: (decode_image(r["lq"], n + " (LQ)"),
                                                                         decode_image(r["hq"], n + " (GT)"))))
         return "tfds", entries, problems
@@ -84,19 +84,39 @@ def load_pairs(data: str, split: str = "test", max_per_type: Optional[int] = Non
         if type_name is None or not (os.path.isdir(lq_dir) and os.path.isdir(gt_dir)):
             problems.append((type_dir, "not a known degradation folder with LQ/ and GT/"))
             continue
-        stems = lambda d: {os.path.splitext(f)[0]: os.path.join(d, f) for f in sorted(os.listdir(d))  # noqa: E731
-                           if not f.startswith(".") and os.path.isfile(os.path.join(d, f))}
-        lq, gt = stems(lq_dir), stems(gt_dir)
+        lq, gt = _by_stem(lq_dir, problems), _by_stem(gt_dir, problems)
         for stem in sorted(set(lq) | set(gt)):
             if stem not in gt or stem not in lq:
                 problems.append((lq.get(stem) or gt[stem], "no file of the same name in " + ("GT" if stem not in gt else "LQ")))
             elif take(type_name):
-                name = f"{type_name}/{os.path.basename(lq[stem])}"
+                name = pair_name(lq[stem])
                 entries.append((name, type_name, lambda a=lq[stem], b=gt[stem]: (read_image(a), read_image(b))))
     if not entries:
         raise EvaluateError(f"--data {data}: no LQ/GT pairs found (expected <type>/LQ/* and <type>/GT/* "
                             f"folders, or a TFDS data_dir holding a built 'paired' dataset)")
     return "folders", entries, problems
+
+
+def pair_name(lq_path: str) -> str:
+    """A pair's name (and image id source): '<type folder>/LQ/<path within LQ>', the same for a
+    folder and for the TFDS set built from it, and unique where basenames repeat."""
+    p = lq_path.replace(os.sep, "/")
+    head, sep, rest = p.rpartition("/LQ/")
+    return f"{os.path.basename(head)}/LQ/{rest}" if sep else p.lstrip("/")
+
+
+def _by_stem(folder: str, problems: List[Tuple[str, str]]) -> Dict[str, str]:
+    """{stem: path} of a folder's files; a stem held by several files (a.png, a.jpg) cannot be
+    paired unambiguously: those files are reported and left out."""
+    found: Dict[str, List[str]] = {}
+    for f in sorted(os.listdir(folder)):
+        if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)):
+            found.setdefault(os.path.splitext(f)[0], []).append(os.path.join(folder, f))
+    for paths in found.values():
+        if len(paths) > 1:
+            problems.extend((p, f"several files named {os.path.basename(os.path.splitext(p)[0])}.*: "
+                                "which one pairs is ambiguous, all left out") for p in paths)
+    return {stem: paths[0] for stem, paths in found.items() if len(paths) == 1}
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -218,7 +238,8 @@ def protocol(restorer, data: str, split: str, kind: str, crop_border: int, lpips
     return {
         "data": os.path.abspath(data), "data_kind": kind, "split": split if kind == "tfds" else None,
         "restoration": restorer.describe(),
-        "image_ids": "first 31 bits of SHA-256('<type>/<LQ file name>'), noise key fold_in(PRNGKey(seed), id)",
+        "image_ids": "first 31 bits of SHA-256('<type folder>/LQ/<LQ file>'), noise key "
+                     "fold_in(PRNGKey(seed), id)",
         "metric_conventions": {
             "quantisation": "restored image rounded to 8 bits before measuring; GT read as 8-bit",
             "data_range": 1.0, "crop_border": int(crop_border),

@@ -50,9 +50,9 @@ def test_evaluate_folder_matches_skimage(ckpt, paired, tmp_path, capsys):
     assert set(metrics["per_type"]) == {"noise", "low_light"}
     assert len(metrics["per_image"]) == 4
     for row in metrics["per_image"]:
-        folder = "noisy" if row["type"] == "noise" else "low-light"
-        name = row["name"].split("/")[1]
-        restored = np.asarray(Image.open(out / "images" / row["type"] / name))
+        folder, lq_dir, name = row["name"].split("/")  # named by its path: <type folder>/LQ/<file>
+        assert (folder, lq_dir) == ("noisy" if row["type"] == "noise" else "low-light", "LQ")
+        restored = np.asarray(Image.open(out / "images" / folder / "LQ" / name))
         gt = np.asarray(Image.open(paired / folder / "GT" / name))
         r, g = restored[2:-2, 2:-2], gt[2:-2, 2:-2]
         assert row["psnr"] == pytest.approx(peak_signal_noise_ratio(g, r, data_range=255), abs=1e-3)

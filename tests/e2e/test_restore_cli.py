@@ -1,12 +1,16 @@
 """diffrestorer-restore on a tiny checkpoint made here: a folder of mixed-size photos with broken files.
 
-Outputs at the input sizes with sidecars; bad files named on stderr without a traceback and a
-non-zero exit; existing outputs skipped, --overwrite redoes them; one compilation per shape bucket;
-an image's output identical bit for bit whatever the batch size, the other images or the device count.
+Outputs at the input sizes with sidecars and umask permissions; bad files (and a failing batch, and
+a FIFO named like an image) named on stderr without a traceback and a non-zero exit; existing
+outputs skipped only when made with the same settings, --overwrite redoes them; outputs never
+collide; names that are not UTF-8 work; one compilation per shape bucket; an image's output
+identical bit for bit whatever the batch size, the other images or the device count.
 """
 import json
 import os
 import pathlib
+import socket
+import stat
 import subprocess
 
 import numpy as np
@@ -63,8 +67,17 @@ def test_buckets_small_set():
     assert batch.shape == (4, 5, 7, 3) and n == 2
 
 
+def _dead_pid():
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_cli_folder(ckpt, photos, tmp_path, capsys):
     out = tmp_path / "out"
+    out.mkdir()
+    leftover = out / f".tmp-diffrestorer-{socket.gethostname()}-{_dead_pid()}-x.png"  # a killed run's
+    leftover.write_bytes(b"half")
     args = ["--checkpoint", ckpt, "--input", str(photos), "--output", str(out), "--seed", "3",
             "--no-progress", "--color-fix", "auto", "--config.sampler.eta=0.0"]
     with CompileCounter("restore_bucket") as compiles:
@@ -74,13 +87,18 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
     for name in BAD:
         assert sum(name in line and "error" in line for line in err.splitlines()) == 1, err
     assert "truncated" in err and "zero-byte" in err and "not an image" in err
+    assert not leftover.exists() and "removed 1 temporary file(s)" in err
     # One compilation per shape bucket (8 devices -> batch 8; two buckets: 32x32 and 40x48).
     sizes = {n: s for n, s in GOOD.items()}
     assert len({buckets.bucket_for(h, w, 8) for h, w in sizes.values()}) == 2
     assert compiles.count == 2, compiles.names
+    umask = os.umask(0)
+    os.umask(umask)
     for name, (h, w) in GOOD.items():
         png = out / (os.path.splitext(name)[0] + ".png")
         assert _read(png).shape == (h, w, 3)
+        for f in (png, png.with_suffix(".json")):
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
         side = json.loads(png.with_suffix(".json").read_text())
         assert side["seed"] == 3 and side["settings"]["steps"] == 2 and side["settings"]["sampler"] == "ddim"
         assert side["image_id"] == path_image_id(name) and side["size"] == [h, w]
@@ -97,12 +115,18 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
     with CompileCounter("restore_bucket") as compiles:
         assert restore_cli.main(args) == 1
     assert compiles.count == 0
-    assert "4 output(s) already exist" in capsys.readouterr().err
+    assert "4 output(s) made with these settings already exist" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamp
     # --overwrite redoes them, with the same result.
     assert restore_cli.main(args + ["--overwrite"]) == 1
     assert all(p.stat().st_mtime_ns != stamp[p] for p in stamp)
     assert all(np.array_equal(_read(p), first[p]) for p in stamp)
+    # Other settings (a seed): the outputs are not the ones asked for, so they are redone.
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert restore_cli.main([a if a != "3" else "4" for a in args]) == 1
+    assert "4 existing output(s) were made with other settings" in capsys.readouterr().err
+    assert all(p.stat().st_mtime_ns != stamp[p] for p in stamp)
+    assert all(json.loads(p.with_suffix(".json").read_text())["seed"] == 4 for p in stamp)
 
 
 def test_same_output_any_batch_or_device_count(ckpt, photos, tmp_path, capsys):
@@ -128,11 +152,79 @@ def test_same_output_any_batch_or_device_count(ckpt, photos, tmp_path, capsys):
 def test_inputs_and_output_names(photos, tmp_path):
     assert [os.path.basename(f) for f in find_inputs(str(photos / "*.png")).files] == \
         ["a.png", "e.png", "empty.png", "text.png", "trunc.png"]
-    (tmp_path / "x.png").write_bytes(b"1")
-    (tmp_path / "x.jpg").write_bytes(b"1")
+    for name in ("x.png", "x.jpg", "x.jpg.png", "X.png", "y.png"):
+        (tmp_path / name).write_bytes(b"1")
     (tmp_path / "notes.txt").write_text("ignored")
-    names = sorted(os.path.basename(p) for p in output_paths(find_inputs(str(tmp_path)), "/o").values())
-    assert names == ["x.jpg.png", "x.png.png"]
+    outputs = output_paths(find_inputs(str(tmp_path)), "/o")
+    names = {os.path.basename(k): os.path.basename(v) for k, v in outputs.items()}
+    # no two outputs share a name, even where case does not count; unique ones keep the plain name
+    assert len({n.casefold() for n in names.values()}) == 5
+    assert names["y.png"] == "y.png" and names["x.jpg.png"] == "x.jpg.png" and names["X.png"] == "X.png.png"
+    assert names["x.jpg"].startswith("x~") and names["x.png"].startswith("x~")
+    assert output_paths(find_inputs(str(tmp_path)), "/o") == outputs  # depends only on the inputs
+
+
+def test_names_that_are_not_utf8_are_restored(ckpt, photos, tmp_path, capsys):
+    """A file name with bytes that are not UTF-8: restored and named as it is on disk."""
+    src = tmp_path / "in"
+    src.mkdir()
+    raw = os.fsdecode(b"caf\xe9.png")  # Latin-1 e-acute: a surrogate escape in Python's str
+    (src / raw).write_bytes((photos / "a.png").read_bytes())
+    assert restore_cli.main(["--checkpoint", ckpt, "--input", str(src), "--output", str(tmp_path / "o"),
+                             "--seed", "3", "--no-progress"]) == 0, capsys.readouterr().err
+    assert sorted(os.listdir(os.fsencode(tmp_path / "o"))) == [b"caf\xe9.json", b"caf\xe9.png"]
+    side = json.loads((tmp_path / "o" / os.fsdecode(b"caf\xe9.json")).read_text())
+    assert side["image_id"] == path_image_id(raw)
+
+
+def test_what_the_output_cannot_keep_is_said(ckpt, tmp_path, capsys):
+    """An animated GIF (first frame restored) and a 16-bit grayscale PNG (8-bit output): a note on
+    stderr and in the sidecar."""
+    src = tmp_path / "in"
+    src.mkdir()
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (40, 200)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)).save(src / "deep.png")
+    assert restore_cli.main(["--checkpoint", ckpt, "--input", str(src), "--output", str(tmp_path / "o"),
+                             "--seed", "3", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    anim = json.loads((tmp_path / "o" / "anim.json").read_text())["notes"]
+    deep = json.loads((tmp_path / "o" / "deep.json").read_text())["notes"]
+    assert anim == ["animated (2 frames): only the first frame is restored"]
+    assert deep == ["16-bit samples: the output PNG has 8 bits per channel"]
+    assert "note:" in err and "anim.gif" in err and "deep.png" in err
+
+
+def test_a_failing_batch_fails_its_files_only(ckpt, photos, tmp_path, monkeypatch, capsys):
+    """A batch that fails on the device (here: out of memory, injected for the 40x48 bucket) reports
+    its files with the reason and a hint; the other bucket's files are written; exit status 1."""
+    from diffrestorer_jax.infer.restorer import Restorer
+    real = Restorer.restore_batch
+
+    def oom_for_large(self, batch, ids):
+        if batch.shape[1:3] != (32, 32):
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.0GiB")
+        return real(self, batch, ids)
+
+    monkeypatch.setattr(Restorer, "restore_batch", oom_for_large)
+    out = tmp_path / "o"
+    assert restore_cli.main(["--checkpoint", ckpt, "--input", str(photos), "--output", str(out),
+                             "--seed", "3", "--no-progress", "--color-fix", "auto"]) == 1
+    err = capsys.readouterr().err
+    for name in ("sub/c.png", "e.png"):  # the 40x48 bucket
+        assert any(name in line and "RESOURCE_EXHAUSTED" in line and "--batch-size" in line
+                   for line in err.splitlines()), err
+        assert not (out / (os.path.splitext(name)[0] + ".png")).exists()
+    assert (out / "a.png").exists() and (out / "b.png").exists() and "Traceback" not in err
+
+
+def test_output_folder_is_checked_before_the_model_loads(ckpt, photos, tmp_path, capsys):
+    assert restore_cli.main(["--checkpoint", ckpt, "--input", str(photos), "--output", str(photos / "out")]) == 2
+    assert "is inside --input" in capsys.readouterr().err and not (photos / "out").exists()
+    (tmp_path / "file").write_text("x")
+    assert restore_cli.main(["--checkpoint", str(tmp_path / "nowhere"), "--input", str(photos),
+                             "--output", str(tmp_path / "file" / "out")]) == 2
+    assert "cannot be written" in capsys.readouterr().err  # not the missing checkpoint: checked first
 
 
 def test_foreseeable_errors_are_messages(ckpt, photos, tmp_path, capsys):
@@ -146,18 +238,21 @@ def test_foreseeable_errors_are_messages(ckpt, photos, tmp_path, capsys):
 
 
 def test_subprocess_exit_status_and_stderr(ckpt, photos, tmp_path):
-    """The real command on broken files only: one line per file, no traceback, exit status 1."""
+    """The real command on broken files only (and a FIFO named like an image, which must not be
+    waited on): one line per file, no traceback, exit status 1."""
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in BAD:
         (bad / name).write_bytes((photos / name).read_bytes())
+    os.mkfifo(bad / "fifo.png")
     proc = subprocess.run([*procs.command("diffrestorer-restore"), "--checkpoint", ckpt,
                            "--input", str(bad), "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    for name in BAD:
+    for name in BAD + ("fifo.png",):
         assert str(bad / name) in proc.stderr
+    assert "not a regular file" in proc.stderr
 
 
 def test_large_buckets_are_tiled(ckpt):
