@@ -2,7 +2,8 @@
 
 Records: {'image': PNG bytes, 'file_name': source path, 'height', 'width'}. Files that are not
 images by name, or that `read_image` refuses (corrupt, truncated, bombs, ...), and files reached
-twice through overlapping source folders, are skipped and collected in `builder.problems`; `build.build_dataset` writes them to a report file.
+twice through overlapping source folders, are skipped and collected in `builder.problems`;
+`build.build_dataset` writes them to a report file.
 """
 from typing import List, Sequence
 
