@@ -345,10 +345,13 @@ def _flax_leaf_name(module_path: Path, torch_leaf: str, ref_leaves: Mapping[Path
     return torch_leaf
 
 
-def _convert_tensor(t: jax.Array, leaf: str, target_shape: Tuple[int, ...]) -> jax.Array:
+def _convert_tensor(t, leaf: str, target_shape: Tuple[int, ...]) -> np.ndarray:
+    """One tensor in our layout, on the host: numpy transposes are views, where eager jax
+    transposes compile one small program per distinct shape (seconds for a whole network)."""
+    t = np.asarray(t)
     if leaf == "kernel":
         if t.ndim == 4 and len(target_shape) == 4:
-            t = jnp.transpose(t, (2, 3, 1, 0))  # OIHW -> HWIO
+            t = np.transpose(t, (2, 3, 1, 0))  # OIHW -> HWIO
         elif t.ndim == 4 and len(target_shape) == 2 and t.shape[2:] == (1, 1):
             t = t[:, :, 0, 0].T  # 1x1 conv stored where we use a linear layer
         elif t.ndim == 2 and len(target_shape) == 4 and target_shape[:2] == (1, 1):
@@ -394,7 +397,7 @@ def load_into(reference, state_dict: Mapping, *, dtype=None, ignore: Iterable[st
                 wrong_shape.append(f"{key}: checkpoint {tuple(_shape_of(state_dict, key))} -> "
                                    f"{tuple(t.shape)}, model expects {tuple(target.shape)}")
                 continue
-            out[flax_path] = t.astype(dtype or target.dtype)
+            out[flax_path] = jnp.asarray(t, dtype or target.dtype)
     if missing or unexpected or wrong_shape:
         lines = [f"{path_name}: does not match the {what} ({len(missing)} missing, "
                  f"{len(unexpected)} unexpected, {len(wrong_shape)} wrongly shaped keys)"]
