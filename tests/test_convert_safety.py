@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffrestorer_jax.convert import core, load_clip_vision
+from diffrestorer_jax.convert import files, load_clip_vision
 from diffrestorer_jax.convert.core import CheckpointError, StateDict
 from diffrestorer_jax.convert.unet import open_weights
 
@@ -59,7 +59,7 @@ def test_safetensors_header_size_is_capped(tmp_path, monkeypatch):
     good = tmp_path / "good.safetensors"
     save_file({"w": torch.arange(4.0).reshape(2, 2)}, str(good))
     np.testing.assert_array_equal(np.asarray(StateDict(str(good))["w"]), np.arange(4.0).reshape(2, 2))
-    monkeypatch.setattr(core, "MAX_HEADER_BYTES", 16)  # the real cap is 100 MB; a file that big is slow
+    monkeypatch.setattr(files, "MAX_HEADER_BYTES", 16)  # the real cap is 100 MB; a file that big is slow
     with pytest.raises(CheckpointError, match=r"good\.safetensors: .*exceeds the format's limit of 16 bytes"):
         StateDict(str(good))
 

@@ -16,8 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from diffrestorer_jax.convert.core import (CheckpointError, RenamedStateDict, ShardedStateDict,
-                                           StateDict, abstract_params, config_errors, load_into,
-                                           read_json_object)
+                                           StateDict, abstract_params, config_errors, load_into)
+from diffrestorer_jax.convert.files import read_json_object
 from diffrestorer_jax.models.clip_vision import CLIPVisionTransformer
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

@@ -10,7 +10,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from diffrestorer_jax.convert.core import (CheckpointError, ShardedStateDict, StateDict, abstract_params,
-                                          config_errors, load_into, read_json_object)
+                                          config_errors, load_into)
+from diffrestorer_jax.convert.files import read_json_object
 from diffrestorer_jax.models.unet import UNet2DConditionModel
 
 WEIGHTS_STEM = "diffusion_pytorch_model"

@@ -4,8 +4,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
-from diffrestorer_jax.convert.core import (CheckpointError, StateDict, abstract_params, config_errors,
-                                           load_into, read_json_object)
+from diffrestorer_jax.convert.core import CheckpointError, StateDict, abstract_params, config_errors, load_into
+from diffrestorer_jax.convert.files import read_json_object
 from diffrestorer_jax.models.vae import AutoencoderKL
 
 # Preferred first: safetensors is memory-mapped and needs no torch.
