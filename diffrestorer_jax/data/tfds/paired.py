@@ -4,7 +4,7 @@ The degradation type comes from the folder name: our names (DEGRADATION_TYPES, '
 DA-CLIP ones in FOLDER_TYPES. LQ and GT files pair by file name without extension. Reported and
 skipped (in `builder.problems`): type folders we do not model (e.g. 'shadowed'), folders without
 LQ/ and GT/, an LQ without a GT or the reverse, several LQ (or GT) files with one name (`a.png` and
-`a.jpg`: which one is meant cannot be told, so that name is skipped), unreadable images, and pairs
+`a.jpg`: which one is meant cannot be told, so that name is skipped), unreadable images, pairs
 whose sizes differ, and pairs reached twice through overlapping source folders.
 Records: {'lq', 'hq': PNG bytes, 'type_id', 'type_name', 'file_name', 'height', 'width'}.
 """
