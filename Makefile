@@ -16,9 +16,10 @@ $(RUNTIME): setup.py
 
 $(STAMP): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[test]'
-	# The LPIPS parity reference; --no-deps because its torchvision requirement does not import
-	# beside the CPU torch wheel (the test supplies the few torchvision pieces lpips needs).
-	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
+	# The LPIPS and FID Inception parity references; --no-deps because their torchvision requirement
+	# does not import beside the CPU torch wheel (test_lpips supplies the few torchvision pieces lpips
+	# needs; test_fid_inception imports torch-fidelity's pure-torch Inception module on its own).
+	$(PY) -m pip install --quiet --no-deps lpips==0.1.4 torch-fidelity==0.4.0
 	touch $(STAMP)
 
 install: $(STAMP)
