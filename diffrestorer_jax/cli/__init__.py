@@ -1,0 +1,1 @@
+"""Console scripts: parse flags, call the library."""
