@@ -21,7 +21,7 @@ DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 def _missing():
     try:
-        import selenium  # noqa: F401
+        import selenium  # noqa: F401  (only whether it imports)
     except ImportError:
         return "selenium is not installed (pip install -e .[test])"
     for path, package in ((CHROMIUM, "chromium"), (DRIVER, "chromium-driver")):

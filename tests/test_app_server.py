@@ -7,7 +7,10 @@ One warmed server for the module (1 sampling step, batches of up to 2, warmed at
 """
 import http.client
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_helpers import WARM_ARGS, AppServer, decode_png, multipart, png_bytes, random_image, start_warm
+from app_helpers import DEMO_CHECKPOINT, ROOT, WARM_ARGS, AppServer, decode_png, multipart, png_bytes, random_image, start_warm
 from diffrestorer_jax.infer.runner import path_image_id
 
 ARGS = ["--batch-wait-ms", "300", "--max-pixels", "40000", "--max-upload-mb", "1", "--max-images", "6"]
@@ -283,3 +286,37 @@ def test_load_8_clients_x_4_images(app):
     rss2, calls2 = round_("second")
     print(f"load: calls per round {calls1}, {calls2}; server RSS {rss1 / 2**20:.0f} -> {rss2 / 2**20:.0f} MiB")
     assert rss2 - rss1 < 24 * 2 ** 20, (rss1, rss2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--warm", "64by64"], "error: --warm: '64by64' is not HEIGHTxWIDTH"),
+    (["--max-upload-mb", "0"], "error: --max-upload-mb must be positive"),
+])
+def test_bad_flags_get_one_line(args, message, capsys):
+    from diffrestorer_jax.cli.app import main
+    assert main(["--checkpoint", str(DEMO_CHECKPOINT), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/nonexistent/export"], "error: --checkpoint /nonexistent/export"),
+    (["--port", "TAKEN"], "(another server is there; choose another --port)"),
+])
+def test_command_line_mistakes_get_one_line(args, message):
+    """As a user runs it: one line and exit status 2, no traceback, before the model is loaded."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    args = [str(taken.getsockname()[1]) if a == "TAKEN" else a for a in args]
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(DEMO_CHECKPOINT)] + args
+    try:
+        proc = subprocess.run([sys.executable, "-m", "diffrestorer_jax.cli.app", "--compilation-cache", "none", *args],
+                              capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        taken.close()
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout == ""

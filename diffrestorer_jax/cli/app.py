@@ -9,6 +9,7 @@ compilation cache, so a second start mostly loads them), then restores what peop
 restore flags set the page's defaults; see diffrestorer_jax/app/ for how requests are batched.
 """
 import argparse
+import errno
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "diffrestorer_jax", "jax_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffrestorer_jax.app.batching import BATCH_MODES
+    from diffrestorer_jax.app.pool import BATCH_MODES
     from diffrestorer_jax.infer.runner import add_options
     p = argparse.ArgumentParser(prog="diffrestorer-app", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +60,7 @@ class UsageError(Exception):
 
 
 def parse_sizes(text: str, native: int):
+    """--warm: 'none', 'native' or HxW[,HxW...] -> [(h, w), ...]."""
     if text == "none":
         return []
     if text == "native":
@@ -100,33 +102,38 @@ def enable_compilation_cache(folder) -> str:
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    from diffrestorer_jax.app import server
-    from diffrestorer_jax.app.batching import AppRestorer
+    from diffrestorer_jax.app import server, service
+    from diffrestorer_jax.app.pool import AppRestorer
     from diffrestorer_jax.infer import runner
+    httpd = None
     try:
         check_args(args)
         overrides = runner.parse_overrides(rest)
+        sizes = parse_sizes(args.warm, 0) if args.warm != "native" else None
+        try:
+            httpd = server.make_server(args.host, args.port)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"
+                             + (" (another server is there; choose another --port)"
+                                if getattr(e, "errno", None) == errno.EADDRINUSE else "")) from None
         cache = enable_compilation_cache(args.compilation_cache)
         restorer = AppRestorer.from_export(args.checkpoint, runner.options_from_args(args), overrides)
         platform = restorer.mesh.devices.flat[0].platform
         mode = args.batch_mode if args.batch_mode != "auto" else ("map" if platform == "cpu" else "vmap")
         restorer.batch_mode = mode
         native = int(restorer.config.get("image_size", 512))
-        config = server.AppConfig(
+        config = service.AppConfig(
             batch_size=args.batch_size, batch_mode=mode, batch_wait_ms=args.batch_wait_ms,
             max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
             max_images=args.max_images, max_pending=args.max_queue, keep_jobs=args.keep_jobs,
-            keep_bytes=int(args.keep_mb * 2 ** 20), warm_sizes=parse_sizes(args.warm, native),
+            keep_bytes=int(args.keep_mb * 2 ** 20), warm_sizes=[(native, native)] if sizes is None else sizes,
             idle_warm=not args.no_idle_warm)
-        app = server.App(restorer, config, log=log)
-        try:
-            httpd = server.make_server(app, args.host, args.port)
-        except OSError as e:
-            raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"
-                             + (" (another server is there; choose another --port)"
-                                if getattr(e, "errno", None) == 98 else "")) from None
+        app = service.App(restorer, config, log=log)
+        server.attach(httpd, app)
     except (runner.RestoreError, UsageError) as e:
         log(f"error: {e}")
+        if httpd is not None:
+            httpd.server_close()
         return 2
     host, port = httpd.server_address[:2]
     shown = f"[{host}]" if ":" in host else host

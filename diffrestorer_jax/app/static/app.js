@@ -128,6 +128,7 @@ $("add-sample").addEventListener("click", async () => {
   const q = new URLSearchParams({ photo, type, strength, seed });
   const button = $("add-sample");
   button.disabled = true;
+  button.textContent = "Degrading…";
   try {
     const r = await fetch("/api/sample.png?" + q);
     if (!r.ok) { message((await r.json()).error); return; }
@@ -136,6 +137,7 @@ $("add-sample").addEventListener("click", async () => {
     message("could not reach the server: " + e);
   } finally {
     button.disabled = false;
+    button.textContent = "Add";
   }
 });
 
