@@ -288,7 +288,7 @@ function compareWidget(img) {
     divider.style.left = `calc(${p}% - 1px)`;
   };
   const setZoom = () => {
-    const fit = Math.min(8, 420 / Math.max(img.width, img.height));
+    const fit = Math.min(8, 320 / Math.max(img.width, img.height));
     const z = zoom.value === "fit" ? fit : Number(zoom.value);
     for (const im of [lq, out]) { im.style.width = `${img.width * z}px`; im.style.height = `${img.height * z}px`; }
     box.classList.toggle("pixelated", z >= 2);
