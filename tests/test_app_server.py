@@ -1,7 +1,7 @@
 """diffrestorer-app as a real process on loopback, serving the shipped demo checkpoint.
 
-Requests and results (input size, sidecar, zip), concurrent requests batched into fewer compiled
-calls than requests with no compile for a seen size, bad uploads named while the rest is served,
+Requests and results (input size, sidecar, zip, the command line's output), concurrent requests
+batched into fewer compiled calls than requests with no compile for a seen size, bad uploads named while the rest is served,
 limits and refusals, localhost only, a restart that loads its programs from the compilation cache.
 One warmed server for the module (1 sampling step, batches of up to 2, warmed at 64x64).
 """
@@ -112,6 +112,24 @@ def test_concurrent_requests_share_compiled_calls(app):
     alone = app.restore([(f"user{shared}.png", png_bytes(images[shared]))])["images"][0]
     assert alone["call"]["rows"] == 1
     assert app.get(alone["restored_url"]).body == app.get(items[shared]["restored_url"]).body
+
+
+def test_same_output_as_the_command_line(app, tmp_path):
+    """The app's result for a file equals launch/restore.py's for that file, settings and name (the
+    command loads the app's compiled program from the shared compilation cache, so it is quick)."""
+    image = random_image(61, 58, seed=40)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "same.png").write_bytes(png_bytes(image))
+    item = app.restore([("same.png", png_bytes(image))], {"seed": "5"})["images"][0]
+    cache = app.cmd[app.cmd.index("--compilation-cache") + 1]
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "restore.py"), "--checkpoint", str(DEMO_CHECKPOINT),
+                           "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--steps", "1",
+                           "--seed", "5", "--devices", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+                          env=dict(app.env, JAX_COMPILATION_CACHE_DIR=cache))
+    assert proc.returncode == 0, proc.stderr
+    cli = decode_png((tmp_path / "out" / "same.png").read_bytes())
+    assert np.array_equal(decode_png(app.get(item["restored_url"]).body), cli)
 
 
 def _modes():
