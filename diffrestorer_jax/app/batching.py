@@ -8,10 +8,10 @@ calls than N, and an image of a size seen before never compiles anything.
 Batch sizes are powers of two up to the server's `--batch-size` (1, 2, 4, 8): a call takes the
 smallest compiled batch that holds everything waiting for its program, because a padded row costs
 a real row's compute (`lax.map` on the CPU; on accelerators less, but not nothing). Which batch
-sizes exist for a program is decided once: at warm-up every one for the warmed sizes; for a new
-size or setting the first call compiles the one it needs, and the others are compiled while the
-server is idle (`idle_warm`). A program once compiled for a (settings, bucket) pair is the only
-kind of call that pair ever makes, so a seen size never triggers a compile.
+sizes exist for a program: at warm-up every one for the warmed sizes; for a new size or setting
+the first call compiles the one it needs, and the others are compiled while the server is idle
+(`idle_warm`). Once a (settings, bucket) pair has a compiled batch size, its calls use only
+compiled ones, so a seen size never waits for a compile.
 
 All JAX work happens on this one thread; request threads only enqueue and wait.
 """
@@ -26,6 +26,7 @@ import numpy as np
 from diffrestorer_jax.app.pool import RestorerPool, batch_sizes, settings_key
 from diffrestorer_jax.infer.runner import Options, Restorer
 from diffrestorer_jax.parallel.sharding import CompileCounter
+
 
 class QueueFull(Exception):
     """More images are waiting than the server accepts (`max_pending`): a message for the user."""

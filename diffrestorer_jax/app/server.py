@@ -28,6 +28,9 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".png": "image/png"}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# /api/jobs/ID, /api/jobs/ID/results.zip, /api/jobs/ID/K/(input.png|restored.png|sidecar.json)
+JOB_PATH = re.compile(r"/api/jobs/([A-Za-z0-9_-]+)"
+                      r"(?:/(results\.zip|(\d+)/(input\.png|restored\.png|sidecar\.json)))?")
 
 
 def is_loopback(host: str) -> bool:
@@ -104,7 +107,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self._json(200, self.app.status())
             if path == "/api/sample.png":
                 return self._send(200, self.app.sample_png(query), "image/png")
-            m = re.fullmatch(r"/api/jobs/([A-Za-z0-9_-]+)(?:/(results\.zip|(\d+)/(input\.png|restored\.png|sidecar\.json)))?", path)
+            m = JOB_PATH.fullmatch(path)
             if m:
                 return self._job(m, query)
         except forms.FormError as e:

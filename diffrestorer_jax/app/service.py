@@ -81,8 +81,9 @@ class App:
     def public_settings(r: Restorer) -> Dict[str, Any]:
         """The page's settings as a restorer resolves them (the config's values where not given)."""
         d, o = r.base_settings, r.options
-        return {"steps": d.steps, "sampler": d.sampler, "seed": int(o.seed), "fidelity": float(r.knobs.fidelity_weight),
-                "color_fix": o.color_fix, "samples": d.samples, "tile": "auto" if o.tile is None else o.tile}
+        return {"steps": d.steps, "sampler": d.sampler, "seed": int(o.seed),
+                "fidelity": float(r.knobs.fidelity_weight), "color_fix": o.color_fix, "samples": d.samples,
+                "tile": "auto" if o.tile is None else o.tile}
 
     def status(self) -> Dict[str, Any]:
         r = self.restorer
@@ -93,7 +94,8 @@ class App:
                       "platform": r.mesh.devices.flat[0].platform},
             "defaults": self.public_settings(r),
             "choices": {"sampler": list(forms.SAMPLERS), "color_fix": list(COLOR_FIX_METHODS),
-                        "tile": self.tile_choices(), "photo": list(samples.PHOTOS), "degradation": list(samples.TYPES)},
+                        "tile": self.tile_choices(), "photo": list(samples.PHOTOS),
+                        "degradation": list(samples.TYPES)},
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                        "max_images": self.config.max_images, "max_steps": self.config.limits.max_steps,
                        "max_samples": self.config.limits.max_samples,
