@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo-train clean
+.PHONY: install test demo demo-train app browser clean
 
 $(RUNTIME): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,19 +16,35 @@ $(RUNTIME): setup.py
 
 $(STAMP): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[test]'
-	# The LPIPS parity reference; --no-deps because its torchvision requirement does not import
-	# beside the CPU torch wheel (the test supplies the few torchvision pieces lpips needs).
-	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
+	# The LPIPS and FID Inception parity references; --no-deps because their torchvision requirement
+	# does not import beside the CPU torch wheel (test_lpips supplies the few torchvision pieces lpips
+	# needs; test_fid_inception imports torch-fidelity's pure-torch Inception module on its own).
+	$(PY) -m pip install --quiet --no-deps lpips==0.1.4 torch-fidelity==0.4.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The web app's browser test drives Debian's Chromium through chromium-driver. Installed here when
+# missing and we are root with apt-get; otherwise that test skips and says why.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium + chromium-driver for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+	    || echo "could not install chromium; tests/test_app_browser.py will skip"; \
+	fi
+
 # Two workers, one test file each at a time: the suite is dominated by single-threaded XLA compiles.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(RUNTIME)
 	$(VENV)/bin/diffrestorer-demo
+
+# The web app on the shipped demo checkpoint: http://127.0.0.1:7860/ (PORT=... to change). The tiny
+# model compiles ~2x faster without LLVM's optimisations (launch/demo.py runs it so too).
+PORT ?= 7860
+app: $(RUNTIME)
+	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(VENV)/bin/diffrestorer-app --checkpoint demo/checkpoint --port $(PORT)
 
 # Recreate demo/checkpoint from scratch (prior_vae -> prior_unet -> stage1 -> stage2); see demo/README.md.
 demo-train: $(RUNTIME)

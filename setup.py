@@ -7,6 +7,7 @@ setup(
     description="Diff-Restorer (universal image restoration with a Stable Diffusion prior "
     "steered by CLIP visual prompts) in JAX/Flax",
     packages=find_packages(include=["diffrestorer_jax", "diffrestorer_jax.*"]),
+    package_data={"diffrestorer_jax.app": ["static/*"]},  # the web app's page
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -38,11 +39,16 @@ setup(
         "diffrestorer-demo = diffrestorer_jax.cli.demo:main",
         "diffrestorer-compare-exports = diffrestorer_jax.cli.compare_exports:main",
         "diffrestorer-degradation-gallery = diffrestorer_jax.cli.degradation_gallery:main",
+        "diffrestorer-app = diffrestorer_jax.cli.app:main",
     ]},
     extras_require={
         # PyTorch references for parity tests; torch 2.13.0 is the CPU wheel.
+        # selenium drives Debian's Chromium (apt: chromium chromium-driver) in the web app's browser test.
         "test": ["pytest>=8", "pytest-xdist", "portpicker", "torch==2.13.0", "diffusers>=0.42",
-                 "libtpu"],
+                 "libtpu", "selenium>=4.10"],
+        # The web app (diffrestorer-app) is standard library only: nothing beyond the runtime. The extra
+        # exists so `pip install diffrestorer_jax[app]` works as the README says.
+        "app": [],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
         "tpu_aot": ["libtpu"],
     },

@@ -4,7 +4,9 @@
   diffrestorer-build-dataset --kind paired    --src ROOT          --out DATA_DIR --split test
 
 hq_folder: clean images (any folders, recursive). paired: the DA-CLIP layout ROOT/<type>/LQ/*,
-ROOT/<type>/GT/*. Skipped inputs are listed in DATA_DIR/<kind>_<split>_report.txt.
+ROOT/<type>/GT/*. Skipped inputs are listed in DATA_DIR/<kind>_<split>_report.txt. Splits are built
+one command each and live side by side in DATA_DIR; a split that is already there is refused (exit 2)
+unless --overwrite is given, which rebuilds that split only.
 """
 import argparse
 import sys
@@ -20,11 +22,12 @@ def main(argv=None) -> int:
     parser.add_argument("--src", required=True, nargs="+", help="source folder(s)")
     parser.add_argument("--out", required=True, help="TFDS data_dir to write into")
     parser.add_argument("--split", default="train")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild the split if DATA_DIR already holds it")
     args = parser.parse_args(argv)
     startup.quiet_console()
     try:
-        count, report = build_dataset(args.kind, args.src, args.out, args.split)
-    except ValueError as e:
+        count, report = build_dataset(args.kind, args.src, args.out, args.split, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # bad arguments, a split already built, an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return 2
     with open(report) as f:

@@ -8,6 +8,7 @@ Writes DIR/unet, DIR/vae, DIR/clip (Orbax params + flax_module.json); point the 
 weights.unet / weights.vae / weights.clip at them. Any of the three may be left out.
 """
 import argparse
+import os
 import sys
 
 from diffrestorer_jax.cli import startup
@@ -32,16 +33,19 @@ def main(argv=None) -> int:
             ("clip", args.clip, convert.load_clip_vision)]
     if not any(src for _, src, _ in jobs):
         p.error("nothing to convert: give --unet, --vae and/or --clip")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
     for name, src, load in jobs:
         if not src:
             continue
-        try:
-            module, params = load(src, dtype)
-        except convert.CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
         dest = f"{args.out.rstrip('/')}/{name}"
-        convert.save_converted(dest, module, params)
+        try:  # a bad source names its file; an unreadable source or unwritable --out is an OSError
+            module, params = load(src, dtype)
+            convert.save_converted(dest, module, params)
+        except (convert.CheckpointError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"{name}: {src} -> {dest} ({type(module).__name__})")
     return 0
 

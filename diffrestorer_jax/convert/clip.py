@@ -9,7 +9,6 @@
     architecture is read from the tensor shapes, except what shapes cannot tell (heads, activation).
 Every key is accounted for strictly by `core.load_into`: a mismatch raises one CheckpointError.
 """
-import json
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -17,7 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax.numpy as jnp
 
 from diffrestorer_jax.convert.core import (CheckpointError, RenamedStateDict, ShardedStateDict,
-                                           StateDict, abstract_params, load_into)
+                                           StateDict, abstract_params, config_errors, load_into)
+from diffrestorer_jax.convert.files import read_json_object
 from diffrestorer_jax.models.clip_vision import CLIPVisionTransformer
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -44,16 +44,17 @@ def load_clip_vision(path: str, dtype=None, *, hidden_act: str = "quick_gelu",
     if dtype is not None:
         module_kwargs.setdefault("dtype", dtype)
         module_kwargs.setdefault("param_dtype", dtype)
-    if os.path.isdir(path):
-        module, sd = _hf_module_and_weights(path, module_kwargs)
-        ignore = HF_IGNORE
-    elif os.path.isfile(path):
-        module, sd = _openai_module_and_weights(path, hidden_act, num_attention_heads, module_kwargs)
-        ignore = None
-    else:
+    if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
-    ref = abstract_params(module, jnp.zeros((1, module.image_size, module.image_size,
-                                             module.num_channels), module.dtype))
+    with config_errors(os.path.join(path, "config.json") if os.path.isdir(path) else path):
+        if os.path.isdir(path):
+            module, sd = _hf_module_and_weights(path, module_kwargs)
+            ignore = HF_IGNORE
+        else:
+            module, sd = _openai_module_and_weights(path, hidden_act, num_attention_heads, module_kwargs)
+            ignore = None
+        ref = abstract_params(module, jnp.zeros((1, module.image_size, module.image_size,
+                                                 module.num_channels), module.dtype))
     params = load_into(ref, sd, dtype=dtype, ignore_pattern=ignore, what="CLIP vision model")
     return module, params
 
@@ -91,20 +92,13 @@ def _open_hf_weights(folder: str) -> Mapping:
         if not os.path.isfile(f):
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(_read_json(f).get("weight_map", {}).values()))
-            return ShardedStateDict([os.path.join(folder, s) for s in shards], f)
+            return ShardedStateDict.from_index(f)
         return StateDict(f)
     raise CheckpointError(f"{folder}: no weights found; expected one of {', '.join(HF_WEIGHT_FILES)}")
 
 
 def _read_json(path: str) -> Dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (a Hugging Face CLIP folder needs its config.json)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    return read_json_object(path, "config.json of a Hugging Face CLIP folder")
 
 
 # ----------------------------------------------------------------------------- OpenAI / open_clip

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from diffrestorer_jax.convert.core import CheckpointError, abstract_params, load_into
+from diffrestorer_jax.convert.core import abstract_params, config_errors, load_into
 from diffrestorer_jax.convert.unet import component_dir, open_weights, read_config
 from diffrestorer_jax.models.control import ControlModule
 
@@ -33,11 +33,9 @@ def load_control(path: str, dtype=None, use_film: bool = False, *, variant: Opti
     config = read_config(folder, "ControlNetModel")
     if dtype is not None:
         module_overrides = {"dtype": dtype, "param_dtype": dtype, **module_overrides}
-    try:
+    with config_errors(os.path.join(folder, "config.json")):
         module = ControlModule.from_config(config, use_film=use_film, **module_overrides)
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: {e}") from e
-    reference = meta.unbox(abstract_params(module, *example_inputs(module)))
+        reference = meta.unbox(abstract_params(module, *example_inputs(module)))
     film = {k: v for k, v in reference.items() if k.startswith("film_")}
     rest = {k: v for k, v in reference.items() if not k.startswith("film_")}
     params = load_into(rest, open_weights(folder, variant=variant), dtype=dtype, what="ControlNetModel")

@@ -7,33 +7,30 @@ The rules are mechanical because our parameter names mirror PyTorch's:
   * a 1x1 conv kernel is accepted where the reference has a linear one (old LDM VAE attention).
 
 The reference tree comes from `jax.eval_shape(module.init, ...)`, so no full-size random init is ever
-materialised; tensors are read one at a time from safetensors (memory-mapped), converted and placed.
+materialised; tensors are read one at a time (files.py reads the files), converted and placed.
 """
-import json
+import contextlib
 import os
 import re
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from diffrestorer_jax.convert.files import (PICKLE_SUFFIXES, CheckpointError, SafetensorsFile, index_shards,
+                                            load_pickle)
+
 Path = Tuple[str, ...]
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
 class StateDict(Mapping):
     """A lazy, read-only view of a PyTorch state dict: `sd[key]` loads one tensor as a jax array.
 
-    safetensors files are memory-mapped (bfloat16 included); pickled files (.bin/.ckpt/.pt) are read
-    only through `torch.load(weights_only=True)` and only when torch is installed.
+    safetensors files are read tensor by tensor after their header is checked (bfloat16 included);
+    pickled files (.bin/.ckpt/.pt/.pth) only through `torch.load(weights_only=True, mmap=True)` and
+    only when torch is installed (files.py).
     """
 
     def __init__(self, path: str, prefix: str = ""):
@@ -46,7 +43,7 @@ class StateDict(Mapping):
             self._handle = SafetensorsFile(self.path)
             keys = list(self._handle.keys())
         elif self.path.endswith(PICKLE_SUFFIXES):
-            self._tensors = _load_pickle(self.path)
+            self._tensors = load_pickle(self.path)
             keys = list(self._tensors)
         else:
             raise CheckpointError(f"{self.path}: unknown checkpoint format; expected .safetensors, "
@@ -77,78 +74,6 @@ class StateDict(Mapping):
 
     def __contains__(self, key) -> bool:
         return (self._prefix + key) in (self._handle.keys() if self._handle is not None else self._tensors)
-
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                       "BOOL": np.bool_}
-
-
-class SafetensorsFile:
-    """Reads a .safetensors file one tensor at a time with plain reads, not a memory map.
-
-    Why not `safetensors.safe_open`: it memory-maps the file, and every page it touches stays in the
-    process's RSS until the map is closed, so converting a checkpoint held the file AND its
-    converted copy (measured 2.1x the weights for SD 1.5's UNet). Read pages go to the OS page
-    cache instead, which the kernel can drop.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        size = os.path.getsize(path)
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= size - 8:
-                    raise ValueError(f"header length {n} does not fit in a {size}-byte file")
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            self._entries = {k: self._checked(k, v, size - 8 - n) for k, v in header.items()}
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-        self._start = 8 + n
-
-    @staticmethod
-    def _checked(key, entry, data_bytes):
-        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(o) for o in entry["data_offsets"])
-        if end - begin != int(np.prod(shape)) * dtype.itemsize or not 0 <= begin <= end <= data_bytes:
-            raise ValueError(f"tensor {key}: offsets {begin}..{end} do not hold {entry['dtype']}{list(shape)}")
-        return dtype, shape, begin, end
-
-    def keys(self):
-        return self._entries.keys()
-
-    def shape(self, key: str) -> Tuple[int, ...]:
-        return self._entries[key][1]
-
-    def get_tensor(self, key: str) -> jax.Array:
-        dtype, shape, begin, end = self._entries[key]
-        with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
-            data = f.read(end - begin)
-        return jnp.asarray(np.frombuffer(data, dtype).reshape(shape))
-
-
-def _load_pickle(path: str) -> Dict[str, object]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path}: this is a PyTorch pickle and torch is not installed. Convert it to safetensors once "
-            "(on any machine with torch: `from safetensors.torch import save_file; "
-            "save_file(torch.load(p, weights_only=True), p_out)`) or `pip install torch`.") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch state dict with weights_only=True "
-                              f"({type(e).__name__}: {e})") from e
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # Lightning / LDM checkpoints wrap the weights
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if hasattr(v, "numpy")}
 
 
 class RenamedStateDict(Mapping):
@@ -187,7 +112,7 @@ def _shape_of(sd, key) -> Tuple[int, ...]:
 
 class ShardedStateDict(Mapping):
     """Several StateDicts (the shards of one model, e.g. `*.safetensors.index.json`) seen as one;
-    a key in two shards is an error."""
+    a key in two shards is an error. `ShardedStateDict.from_index(path)` reads an index file."""
 
     def __init__(self, files: List[str], path: str):
         self.path = path
@@ -198,6 +123,10 @@ class ShardedStateDict(Mapping):
                 if key in self._where:
                     raise CheckpointError(f"{path}: key {key} appears in two shards")
                 self._where[key] = part
+
+    @classmethod
+    def from_index(cls, index_path: str) -> "ShardedStateDict":
+        return cls(index_shards(index_path), index_path)
 
     def __getitem__(self, key):
         return self._where[key][key]
@@ -236,10 +165,13 @@ def _flax_leaf_name(module_path: Path, torch_leaf: str, ref_leaves: Mapping[Path
     return torch_leaf
 
 
-def _convert_tensor(t: jax.Array, leaf: str, target_shape: Tuple[int, ...]) -> jax.Array:
+def _convert_tensor(t, leaf: str, target_shape: Tuple[int, ...]) -> np.ndarray:
+    """One tensor in our layout, on the host: numpy transposes are views, where eager jax
+    transposes compile one small program per distinct shape (seconds for a whole network)."""
+    t = np.asarray(t)
     if leaf == "kernel":
         if t.ndim == 4 and len(target_shape) == 4:
-            t = jnp.transpose(t, (2, 3, 1, 0))  # OIHW -> HWIO
+            t = np.transpose(t, (2, 3, 1, 0))  # OIHW -> HWIO
         elif t.ndim == 4 and len(target_shape) == 2 and t.shape[2:] == (1, 1):
             t = t[:, :, 0, 0].T  # 1x1 conv stored where we use a linear layer
         elif t.ndim == 2 and len(target_shape) == 4 and target_shape[:2] == (1, 1):
@@ -285,7 +217,7 @@ def load_into(reference, state_dict: Mapping, *, dtype=None, ignore: Iterable[st
                 wrong_shape.append(f"{key}: checkpoint {tuple(_shape_of(state_dict, key))} -> "
                                    f"{tuple(t.shape)}, model expects {tuple(target.shape)}")
                 continue
-            out[flax_path] = t.astype(dtype or target.dtype)
+            out[flax_path] = jnp.asarray(t, dtype or target.dtype)
     if missing or unexpected or wrong_shape:
         lines = [f"{path_name}: does not match the {what} ({len(missing)} missing, "
                  f"{len(unexpected)} unexpected, {len(wrong_shape)} wrongly shaped keys)"]
@@ -296,6 +228,19 @@ def load_into(reference, state_dict: Mapping, *, dtype=None, ignore: Iterable[st
             lines.append("  ... (lists cut at 50 each)")
         raise CheckpointError("\n".join(lines))
     return traverse_util.unflatten_dict(out)
+
+
+@contextlib.contextmanager
+def config_errors(source: str):
+    """Turns an error raised while building a module from a config (a field of the wrong type or
+    value in a user's config.json) into a CheckpointError naming the config."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: cannot build the model this config describes "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def abstract_params(module, *args, **kwargs):

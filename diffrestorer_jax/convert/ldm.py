@@ -15,7 +15,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import jax.numpy as jnp
 
-from diffrestorer_jax.convert.core import CheckpointError, RenamedStateDict, StateDict, abstract_params, load_into
+from diffrestorer_jax.convert.core import (CheckpointError, RenamedStateDict, StateDict, abstract_params,
+                                           config_errors, load_into)
 
 log = logging.getLogger(__name__)
 
@@ -272,11 +273,9 @@ def load_unet_single_file(path: str, dtype=None, *, config: Config = None, prefe
     if isinstance(config, str):
         config = _folder_config(config, "unet")
     config = config or unet_config_from_state_dict(sd, **infer_kwargs)
-    try:
+    with config_errors(f"{path}: UNet config {config}"):
         module = UNet2DConditionModel.from_config(config, **_dtype_overrides(dtype))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: UNet config {config}: {e}") from e
-    reference = abstract_params(module, *example_inputs(module))
+        reference = abstract_params(module, *example_inputs(module))
     return module, load_into(reference, sd, dtype=dtype, what="UNet2DConditionModel")
 
 
@@ -286,14 +285,13 @@ def load_vae_single_file(path: str, dtype=None, *, config: Config = None, **infe
     `config`: a diffusers config dict or a folder holding `vae/config.json`; by default SD's VAE config
     with channels read from shapes (`infer_kwargs`: norm_num_groups, scaling_factor, sample_size).
     """
-    from diffrestorer_jax.convert.vae import params_from_state_dict
+    from diffrestorer_jax.convert.vae import params_from_state_dict, vae_reference_tree
     from diffrestorer_jax.models.vae import AutoencoderKL
     sd = vae_state_dict(StateDict(path))
     if isinstance(config, str):
         config = _folder_config(config, "vae")
     config = config or vae_config_from_state_dict(sd, **infer_kwargs)
-    try:
+    with config_errors(f"{path}: VAE config {config}"):
         module = AutoencoderKL.from_config(config, **_dtype_overrides(dtype))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: VAE config {config}: {e}") from e
+        vae_reference_tree(module)
     return module, params_from_state_dict(module, sd, dtype=dtype)

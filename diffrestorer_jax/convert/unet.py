@@ -4,14 +4,14 @@ A diffusers component folder holds `config.json` and `diffusion_pytorch_model.sa
 `.bin`, or shards listed in `diffusion_pytorch_model.safetensors.index.json`). A pipeline root
 (with `model_index.json`) is accepted too: its `unet/` folder is used.
 """
-import json
 import os
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
 from diffrestorer_jax.convert.core import (CheckpointError, ShardedStateDict, StateDict, abstract_params,
-                                          load_into)
+                                          config_errors, load_into)
+from diffrestorer_jax.convert.files import read_json_object
 from diffrestorer_jax.models.unet import UNet2DConditionModel
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -35,11 +35,7 @@ def component_dir(path: str, component: str) -> str:
 def read_config(folder: str, expected_class: str) -> Dict:
     """config.json as a dict; refuses a config written for another diffusers class."""
     path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from e
+    config = read_json_object(path)
     found = config.get("_class_name")
     if found is not None and found != expected_class:
         raise CheckpointError(f"{path}: describes a {found}, not a {expected_class} "
@@ -55,13 +51,7 @@ def open_weights(folder: str, stem: str = WEIGHTS_STEM, variant: Optional[str] =
     if os.path.isfile(single):
         return StateDict(single)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f).get("weight_map", {}).values()))
-        files = [os.path.join(folder, s) for s in shards]
-        absent = [f for f in files if not os.path.isfile(f)]
-        if not files or absent:
-            raise CheckpointError(f"{index}: lists shards that are not there: {absent or 'none listed'}")
-        return ShardedStateDict(files, index)
+        return ShardedStateDict.from_index(index)
     pickle = os.path.join(folder, f"{name}.bin")
     if os.path.isfile(pickle):
         return StateDict(pickle)
@@ -86,12 +76,10 @@ def load_unet(path: str, dtype=None, *, variant: Optional[str] = None, **module_
     config = read_config(folder, "UNet2DConditionModel")
     if dtype is not None:
         module_overrides = {"dtype": dtype, "param_dtype": dtype, **module_overrides}
-    try:
+    with config_errors(os.path.join(folder, "config.json")):
         module = UNet2DConditionModel.from_config(config, **module_overrides)
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: {e}") from e
+        reference = abstract_params(module, *example_inputs(module))
     state_dict = open_weights(folder, variant=variant)
-    reference = abstract_params(module, *example_inputs(module))
     params = load_into(reference, state_dict, dtype=dtype, what="UNet2DConditionModel")
     return module, params
 

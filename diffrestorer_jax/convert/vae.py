@@ -1,11 +1,11 @@
 """Load a diffusers `AutoencoderKL` folder (`vae/` or a pipeline root holding `vae/`) into Flax."""
-import json
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
-from diffrestorer_jax.convert.core import CheckpointError, StateDict, abstract_params, load_into
+from diffrestorer_jax.convert.core import CheckpointError, StateDict, abstract_params, config_errors, load_into
+from diffrestorer_jax.convert.files import read_json_object
 from diffrestorer_jax.models.vae import AutoencoderKL
 
 # Preferred first: safetensors is memory-mapped and needs no torch.
@@ -30,12 +30,7 @@ def find_vae_folder(path: str) -> str:
 
 
 def read_config(folder: str) -> Dict[str, Any]:
-    cfg_path = os.path.join(folder, "config.json")
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: cannot read the config ({e})") from e
+    return read_json_object(os.path.join(folder, "config.json"))
 
 
 def _weights_file(folder: str) -> str:
@@ -65,9 +60,8 @@ def load_vae(path: str, dtype: Optional[Any] = None) -> Tuple[AutoencoderKL, Dic
     """
     folder = find_vae_folder(path)
     dtype = jnp.dtype(dtype or jnp.float32)
-    try:
+    with config_errors(os.path.join(folder, "config.json")):
         module = AutoencoderKL.from_config(read_config(folder), dtype=dtype, param_dtype=dtype)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder}/config.json: {e}") from e
+        vae_reference_tree(module)
     params = params_from_state_dict(module, StateDict(_weights_file(folder)), dtype=dtype)
     return module, params

@@ -11,9 +11,11 @@ Conventions (also written into metrics.json under "protocol"):
     SSIM window sigma 1.5, K1 0.01, K2 0.03, population covariance); Y is BT.601 studio-range luma
     (MATLAB rgb2ycbcr); `crop_border` pixels are removed from each side before PSNR and SSIM.
   * LPIPS (VGG, v0.1) is on the whole image mapped to [-1, 1], when weights are given.
-  * FID needs an Inception network, which this repository does not port: `evaluate(...,
-    fid_features=fn)` accepts any [N, H, W, 3] -> [N, D] feature function; otherwise it is skipped and
-    metrics.json says so.
+  * FID (restored vs GT, per type and over all images) when `fid_features` is given: a
+    [N, H, W, 3] -> [N, D] feature function, normally FID's Inception-v3
+    (`metrics.fid.inception_features(*convert.inception.load_fid_inception(weights))`); each image
+    is fed as its 8-bit quantised version in [0, 1]. Without it FID is skipped and metrics.json says
+    so. FID is biased below ~2048 images per set; metrics.json records the counts.
   * Per type: the mean over that type's images. "average": the mean of the per-type means (each
     degradation weighs the same, as multi-degradation tables do); "all images": the plain mean.
   * "input" rows measure the degraded LQ against the GT, the baseline a restorer must beat.
@@ -30,7 +32,7 @@ import numpy as np
 
 from diffrestorer_jax.data.image_io import ImageReadError, decode_image, read_image, to_uint8, write_png
 from diffrestorer_jax.infer.restorer import path_image_id
-from diffrestorer_jax.metrics.fid import activation_statistics, frechet_distance
+from diffrestorer_jax.metrics.fid import FidByType
 from diffrestorer_jax.metrics.lpips import lpips_unit_range
 from diffrestorer_jax.metrics.psnr_ssim import psnr, ssim
 
@@ -168,7 +170,7 @@ def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[A
             gts[name], lqs[name] = gt, lq
             yield (name, type_name), lq, path_image_id(name)
 
-    per_image, fid_sets = [], {}
+    per_image, fid = [], (FidByType(fid_features) if fid_features is not None else None)
     for (name, type_name), restored, info in restorer.restore_stream(items()):
         gt, lq = gts.pop(name), lqs.pop(name)
         m = pair_metrics(restored, gt, crop_border)
@@ -179,8 +181,8 @@ def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[A
             inp["lpips"] = float(lpips_fn(lq[None], gt[None])[0])
         if save_dir:
             write_png(os.path.join(save_dir, name.rsplit(".", 1)[0] + ".png"), restored)
-        if fid_features is not None:
-            fid_sets.setdefault(type_name, []).append((to_uint8(restored), to_uint8(gt)))
+        if fid is not None:
+            fid.add(type_name, to_uint8(restored).astype(np.float32) / 255.0, gt)
         per_image.append({"name": name, "type": type_name, "image_id": info["image_id"],
                           "predicted_type": info["predicted_type"], **m, "input": inp})
         bar.update(1)
@@ -200,24 +202,11 @@ def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[A
         "type_accuracy": _mean([float(r["predicted_type"] == r["type"]) for r in per_image]),
         "per_image": per_image, "failed": [{"file": f, "reason": r} for f, r in failed],
     }
-    results["fid"] = _fid(fid_sets, fid_features) if fid_features is not None else {
-        "computed": False, "reason": "no Inception network given (this repository has no Inception port; "
-                                     "pass fid_features= to metrics.evaluate.evaluate)"}
-    if fid_features is None:
-        log("FID skipped: no Inception network/weights given")
+    results["fid"] = fid.results() if fid is not None else {
+        "computed": False, "reason": "no Inception weights given (--fid-inception)"}
+    if fid is None:
+        log("FID skipped: no Inception weights given (--fid-inception)")
     return results
-
-
-def _fid(sets, features) -> Dict[str, Any]:
-    out = {"computed": True, "per_type": {}}
-    for t, pairs in sorted(sets.items()):
-        if len(pairs) < 2:
-            out["per_type"][t] = None
-            continue
-        a = np.concatenate([np.asarray(features(np.stack([p[0] for p in pairs]) / 255.0))])
-        b = np.concatenate([np.asarray(features(np.stack([p[1] for p in pairs]) / 255.0))])
-        out["per_type"][t] = frechet_distance(*activation_statistics(a), *activation_statistics(b))
-    return out
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -234,7 +223,8 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def protocol(restorer, data: str, split: str, kind: str, crop_border: int, lpips_files=None) -> Dict[str, Any]:
+def protocol(restorer, data: str, split: str, kind: str, crop_border: int, lpips_files=None,
+             fid_file=None) -> Dict[str, Any]:
     return {
         "data": os.path.abspath(data), "data_kind": kind, "split": split if kind == "tfds" else None,
         "restoration": restorer.describe(),
@@ -249,6 +239,9 @@ def protocol(restorer, data: str, split: str, kind: str, crop_border: int, lpips
             "y_channel": "BT.601 studio-range luma (MATLAB rgb2ycbcr)",
             "lpips": ("VGG v0.1 on the whole image in [-1, 1]; weights " + ", ".join(lpips_files))
             if lpips_files else "not computed (no --lpips-vgg/--lpips-lin)",
+            "fid": ("restored vs GT, 2048-d pool features of FID's Inception-v3 (pytorch-fid: bilinear "
+                    "resize to 299, [-1, 1]), exact trace term; weights " + fid_file)
+            if fid_file else "not computed (no --fid-inception)",
             "average": "mean of the per-type means; all_images: mean over images",
         },
         "versions": versions(),
@@ -274,8 +267,13 @@ def markdown_table(results: Dict[str, Any], proto: Optional[Dict[str, Any]] = No
                  + " | " + _fmt(results["input"]["average"][names[0]], 2) + " |")
     text = "# Evaluation\n\n" + "\n".join(lines) + "\n"
     fid = results.get("fid", {})
-    text += "\nFID: " + (", ".join(f"{t} {_fmt(v, 2)}" for t, v in fid["per_type"].items())
-                         if fid.get("computed") else "skipped (" + fid.get("reason", "") + ")") + "\n"
+    if fid.get("computed"):
+        n = fid.get("images", {})
+        text += ("\nFID (restored vs GT): " + ", ".join(f"{t} {_fmt(v, 2)} (n={n.get(t, '?')})"
+                                                     for t, v in fid["per_type"].items())
+                 + f"; all images {_fmt(fid.get('all_images'), 2)}. {fid.get('note', '')}\n")
+    else:
+        text += "\nFID: skipped (" + fid.get("reason", "") + ")\n"
     if proto:
         r = proto["restoration"]
         text += (f"\nSettings: {r['settings']}, knobs {r['knobs']}, seed {r['seed']}, colour fix "

@@ -60,6 +60,6 @@ def test_bfloat16_conversion(sources, tmp_path):
 
 def test_bad_source_is_one_clear_line(tmp_path, capsys):
     rc = convert_main(["--unet", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err

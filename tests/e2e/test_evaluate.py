@@ -94,3 +94,44 @@ def test_tfds_dataset_gives_the_same_numbers(ckpt, paired, tmp_path, capsys):
     capsys.readouterr()
     rows = lambda m: sorted((r["name"], r["psnr"], r["ssim_y"]) for r in m["per_image"])  # noqa: E731
     assert rows(runs["folders"]) == rows(runs["tfds"])
+
+
+def test_fid_per_type_from_inception_weights(ckpt, paired, tmp_path, capsys, monkeypatch):
+    """--fid-inception: FID of the restored (8-bit) images against the GT, per type and overall, from
+    the features of exactly those images; the protocol names the weights. (Network parity with the
+    PyTorch reference is test_fid_inception's; here the network runs at 75 px to keep this fast.)"""
+    from diffrestorer_jax.convert import inception
+    from diffrestorer_jax.data.image_io import read_image
+    from diffrestorer_jax.metrics import fid
+    from fid_reference import random_reference
+    _, weights = random_reference(str(tmp_path))
+    load, build, seen = inception.load_fid_inception, fid.inception_features, []
+
+    def recording(*args, **kwargs):  # the command's features function, recording (input, output)
+        features = build(*args, **kwargs)
+        return lambda x: seen.append((np.asarray(x), features(x))) or seen[-1][1]
+    monkeypatch.setattr(inception, "load_fid_inception", lambda path: load(path, image_size=75))
+    monkeypatch.setattr(fid, "inception_features", recording)
+    out = tmp_path / "eval"
+    assert evaluate_cli.main(["--checkpoint", ckpt, "--data", str(paired), "--out", str(out), "--steps", "2",
+                              "--seed", "1", "--save-images", "--no-progress", "--fid-inception", weights]) == 0
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    result = metrics["fid"]
+    assert result["computed"] and result["images"] == {"low_light": 2, "noise": 2}
+    assert len(seen) == 8  # one call per image: restored, then GT, for each pair
+
+    def features_of(image):
+        match = [f for x, f in seen if x.shape == (1,) + image.shape and np.array_equal(x[0], image)]
+        assert match, "no features were computed for this image"
+        return match[0]
+    sets = {}
+    for t, folder in (("noise", "noisy"), ("low_light", "low-light")):
+        restored = np.concatenate([features_of(read_image(out / "images" / t / f"{i}.png")) for i in range(2)])
+        gt = np.concatenate([features_of(read_image(paired / folder / "GT" / f"{i}.png")) for i in range(2)])
+        sets[t] = restored, gt
+        assert result["per_type"][t] == pytest.approx(fid.fid_from_features(restored, gt), rel=1e-6, abs=1e-9)
+    every = [np.concatenate([sets[t][k] for t in sets]) for k in (0, 1)]
+    assert result["all_images"] == pytest.approx(fid.fid_from_features(*every), rel=1e-6)
+    assert metrics["protocol"]["metric_conventions"]["fid"].endswith(weights)
+    assert "FID (restored vs GT): low_light" in (out / "metrics.md").read_text()

@@ -12,7 +12,7 @@ LAYERS = [
     {"parallel"},
     {"export"},
     {"infer", "train"},
-    {"tools"},
+    {"tools", "app"},
     {"cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,35 +1,68 @@
 """Build a dataset (`hq_folder` or `paired`) into a folder, and open one for reading; no TF needed.
 
 The dataset lands in `<out>/<kind>/1.0.0/` (array_record shards + TFDS metadata) and the list of
-skipped inputs in `<out>/<kind>_<split>_report.txt`. Read it back with `load_source(out, kind, split)`
-(= `tfds.data_source`), a random-access source the grain pipeline consumes directly.
+skipped inputs in `<out>/<kind>_<split>_report.txt`. Several splits (train, test, ...) live side by
+side in one `<out>`, each built by its own call; building a split that is already there is refused
+unless `overwrite=True`, which rebuilds that split and keeps the others (see store.py). Read it back
+with `load_source(out, kind, split)` (= `tfds.data_source`), a random-access source the grain
+pipeline consumes directly.
 """
 import os
+import re
 import tempfile
 from typing import Sequence, Tuple
 
 import tensorflow_datasets as tfds
 
-from diffrestorer_jax.data.tfds import common
+from diffrestorer_jax.data.tfds import common, store
 from diffrestorer_jax.data.tfds.hq_folder import HqFolder
 from diffrestorer_jax.data.tfds.paired import Paired
 
 BUILDERS = {"hq_folder": HqFolder, "paired": Paired}
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
-def build_dataset(kind: str, src_dirs: Sequence[str], out_dir: str, split: str = "train") -> Tuple[int, str]:
-    """Build; returns (number of records written, report path). Refuses missing source folders."""
+def build_dataset(kind: str, src_dirs: Sequence[str], out_dir: str, split: str = "train",
+                  overwrite: bool = False) -> Tuple[int, str]:
+    """Build one split; returns (number of records written, report path).
+
+    ValueError for an unknown kind or missing source folders; store.DatasetExistsError (a ValueError)
+    when `out_dir` already holds this kind's `split` and `overwrite` is false.
+    """
     if kind not in BUILDERS:
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(BUILDERS)}")
     missing = [d for d in src_dirs if not os.path.isdir(d)]
     if missing or not src_dirs:
         raise ValueError(f"source folder(s) not found: {', '.join(missing) or '(none given)'}")
-    builder = BUILDERS[kind](src_dirs=src_dirs, split=split, data_dir=out_dir, file_format="array_record")
-    with tempfile.TemporaryDirectory() as downloads:  # tfds wants a download dir even with nothing to fetch
-        builder.download_and_prepare(download_dir=downloads)
-    report = common.write_report(os.path.join(out_dir, f"{kind}_{split}_report.txt"),
-                                 f"{kind} from {', '.join(src_dirs)}", builder.problems)
-    return builder.info.splits[split].num_examples, report
+    if not SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split name {split!r}: use letters, digits and '_' (e.g. train, test)")
+    version = str(BUILDERS[kind].VERSION)
+    version_dir = os.path.join(out_dir, kind, version)
+    store.check_can_build(version_dir, split, overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    # A fresh folder on the same file system, so the built split is moved in by renames.
+    with tempfile.TemporaryDirectory(prefix=f".building-{kind}-{split}-", dir=out_dir) as work:
+        builder = BUILDERS[kind](src_dirs=src_dirs, split=split, data_dir=os.path.join(work, "data"),
+                                 file_format="array_record")
+        try:
+            builder.download_and_prepare(download_dir=os.path.join(work, "downloads"))
+        except Exception:  # noqa: BLE001  tfds refuses an empty split with an AssertionError
+            if builder.num_records:
+                raise
+            report = _write_report(out_dir, kind, split, src_dirs, builder.problems, failed=True)
+            raise ValueError(f"no usable {kind} inputs in {', '.join(src_dirs)} ({len(builder.problems)} "
+                             f"skipped, listed in {report}); nothing was built") from None
+        count = builder.info.splits[split].num_examples
+        store.install_split(os.path.join(work, "data", kind, version), version_dir, kind, split)
+    return count, _write_report(out_dir, kind, split, src_dirs, builder.problems)
+
+
+def _write_report(out_dir, kind, split, src_dirs, problems, failed=False) -> str:
+    """`<kind>_<split>_report.txt` beside a built split; `..._report.failed.txt` for a build that
+    produced nothing (so the report of a split already there stays with it)."""
+    name = f"{kind}_{split}_report" + (".failed" if failed else "") + ".txt"
+    return common.write_report(os.path.join(out_dir, name), f"{kind} {split!r} split from "
+                               f"{', '.join(src_dirs)}" + (" (nothing built)" if failed else ""), problems)
 
 
 def build_command(kind: str, out_dir: str, split: str) -> str:

@@ -40,6 +40,24 @@ def list_files(folder: str) -> List[str]:
     return sorted(out)
 
 
+class SeenFiles:
+    """Remembers the files already yielded (by real path), so overlapping or repeated source folders
+    give each file once (TFDS refuses a repeated key, and a repeated image would weigh double)."""
+
+    def __init__(self):
+        self._seen = set()
+
+    def first_time(self, path: str) -> bool:
+        key = os.path.realpath(path)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+REPEATED = "already included through another --src folder (given twice, or one inside another)"
+
+
 def write_report(path: str, title: str, problems: Sequence[Problem]) -> str:
     """A plain-text list of every skipped input and why; written even when empty, so 'no problems'
     is a fact one can read rather than an absence."""

@@ -1,8 +1,9 @@
 """`hq_folder`: clean images from one or more folders -> a TFDS dataset (array_record, no TF).
 
 Records: {'image': PNG bytes, 'file_name': source path, 'height', 'width'}. Files that are not
-images by name, or that `read_image` refuses (corrupt, truncated, bombs, ...), are skipped and
-collected in `builder.problems`; `build.build_dataset` writes them to a report file.
+images by name, or that `read_image` refuses (corrupt, truncated, bombs, ...), and files reached
+twice through overlapping source folders, are skipped and collected in `builder.problems`;
+`build.build_dataset` writes them to a report file.
 """
 from typing import List, Sequence
 
@@ -24,6 +25,8 @@ class HqFolder(tfds.core.GeneratorBasedBuilder):
         self._src_dirs = list(src_dirs)
         self._split = split
         self.problems: List[common.Problem] = []
+        self.seen = common.SeenFiles()
+        self.num_records = 0
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -41,6 +44,9 @@ class HqFolder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self):
         for folder in self._src_dirs:
             for path in common.list_files(folder):
+                if not self.seen.first_time(path):
+                    self.problems.append((path, common.REPEATED))
+                    continue
                 if not is_image_name(path):
                     self.problems.append((path, "not an image file name (extension)"))
                     continue
@@ -49,5 +55,6 @@ class HqFolder(tfds.core.GeneratorBasedBuilder):
                 except ImageReadError as e:
                     self.problems.append((path, e.reason))
                     continue
+                self.num_records += 1
                 yield path, {"image": encode_png(image), "file_name": path,
                              "height": image.shape[0], "width": image.shape[1]}

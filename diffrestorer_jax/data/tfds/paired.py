@@ -3,7 +3,9 @@
 The degradation type comes from the folder name: our names (DEGRADATION_TYPES, '-' or '_') or the
 DA-CLIP ones in FOLDER_TYPES. LQ and GT files pair by file name without extension. Reported and
 skipped (in `builder.problems`): type folders we do not model (e.g. 'shadowed'), folders without
-LQ/ and GT/, an LQ without a GT or the reverse, unreadable images, and pairs whose sizes differ.
+LQ/ and GT/, an LQ without a GT or the reverse, several LQ (or GT) files with one name (`a.png` and
+`a.jpg`: which one is meant cannot be told, so that name is skipped), unreadable images, pairs
+whose sizes differ, and pairs reached twice through overlapping source folders.
 Records: {'lq', 'hq': PNG bytes, 'type_id', 'type_name', 'file_name', 'height', 'width'}.
 """
 import os
@@ -29,8 +31,12 @@ def folder_type(name: str) -> Optional[str]:
     return FOLDER_TYPES.get(key)
 
 
-def _by_stem(folder: str) -> Dict[str, str]:
-    return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in common.list_files(folder)}
+def _by_stem(folder: str) -> Dict[str, List[str]]:
+    """{relative path without extension: [files]}; more than one file means an ambiguous name."""
+    out: Dict[str, List[str]] = {}
+    for p in common.list_files(folder):
+        out.setdefault(os.path.splitext(os.path.relpath(p, folder))[0], []).append(p)
+    return out
 
 
 class Paired(tfds.core.GeneratorBasedBuilder):
@@ -44,6 +50,8 @@ class Paired(tfds.core.GeneratorBasedBuilder):
         self._src_dirs = list(src_dirs)
         self._split = split
         self.problems: List[common.Problem] = []
+        self.seen = common.SeenFiles()
+        self.num_records = 0
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -69,12 +77,20 @@ class Paired(tfds.core.GeneratorBasedBuilder):
             return
         lq, gt = _by_stem(lq_dir), _by_stem(gt_dir)
         for stem in sorted(set(lq) | set(gt)):
+            duplicates = [(side, files) for side, files in (("LQ", lq.get(stem, [])), ("GT", gt.get(stem, [])))
+                          if len(files) > 1]
+            for side, files in duplicates:
+                names = ", ".join(os.path.basename(f) for f in files)
+                self.problems += [(f, f"{len(files)} {side} files share the name {stem!r} ({names}); "
+                                      "that name is skipped") for f in files]
+            if duplicates:
+                continue
             if stem not in gt:
-                self.problems.append((lq[stem], "LQ without a GT of the same name"))
+                self.problems.append((lq[stem][0], "LQ without a GT of the same name"))
             elif stem not in lq:
-                self.problems.append((gt[stem], "GT without an LQ of the same name"))
+                self.problems.append((gt[stem][0], "GT without an LQ of the same name"))
             else:
-                yield lq[stem], gt[stem]
+                yield lq[stem][0], gt[stem][0]
 
     def _read_pair(self, lq_path: str, gt_path: str):
         try:
@@ -99,8 +115,12 @@ class Paired(tfds.core.GeneratorBasedBuilder):
                                                     f"{', '.join(list(DEGRADATION_TYPES) + list(FOLDER_TYPES))}"))
                     continue
                 for lq_path, gt_path in self._pairs(type_dir):
+                    if not self.seen.first_time(lq_path):
+                        self.problems.append((lq_path, common.REPEATED))
+                        continue
                     pair = self._read_pair(lq_path, gt_path)
                     if pair is not None:
+                        self.num_records += 1
                         yield lq_path, {"lq": encode_png(pair[0]), "hq": encode_png(pair[1]),
                                         "type_id": DEGRADATION_TYPES.index(name), "type_name": name,
                                         "file_name": lq_path, "height": pair[1].shape[0],
