@@ -9,7 +9,8 @@ neither and never a mix (exports, converted weights).
 POSIX cannot rename a directory over a non-empty one, so the swap is two renames:
 final -> final.old, final.new -> final, then final.old is removed. A complete new version carries a
 marker file, written last. `resolve` finishes a swap whose new version is complete, puts the old
-version back when the new one is not, and removes leftovers.
+version back when the new one is not, and removes leftovers. `process_alive` tells the leftovers
+of a killed writer from those of a live one (temporary files, locks).
 """
 import contextlib
 import os
@@ -17,6 +18,17 @@ import shutil
 
 NEW, OLD = ".new", ".old"
 COMPLETE = ".complete"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: str) -> None:

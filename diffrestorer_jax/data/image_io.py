@@ -27,6 +27,8 @@ from typing import List, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from diffrestorer_jax.atomic import process_alive
+
 PathLike = Union[str, os.PathLike]
 
 # File name endings taken for images wherever folders are scanned (restore, datasets, training).
@@ -205,7 +207,7 @@ def remove_stale_temporaries(folder: PathLike, max_age_s: float = 86400.0) -> in
             rest = name[len(TEMP_PREFIX):]
             pid_text = rest[len(host) + 1:].split("-", 1)[0] if rest.startswith(host + "-") else ""
             try:
-                stale = (pid_text.isdigit() and not _process_alive(int(pid_text))) or \
+                stale = (pid_text.isdigit() and not process_alive(int(pid_text))) or \
                     time.time() - os.path.getmtime(path) > max_age_s
                 if stale:
                     os.remove(path)
@@ -213,16 +215,6 @@ def remove_stale_temporaries(folder: PathLike, max_age_s: float = 86400.0) -> in
             except OSError:
                 pass
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def square(image: np.ndarray, size: int) -> np.ndarray:

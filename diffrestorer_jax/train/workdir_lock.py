@@ -13,21 +13,13 @@ import socket
 import time
 from typing import Optional
 
+from diffrestorer_jax.atomic import process_alive
+
 LOCK_FILE = "run.lock"
 
 
 class WorkdirLocked(RuntimeError):
     """Another live run holds the workdir."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class WorkdirLock:
@@ -50,7 +42,7 @@ class WorkdirLock:
             return "an unreadable lock file"
         age = time.time() - os.path.getmtime(self.path)
         if holder.get("host") == socket.gethostname():
-            if not _alive(int(holder.get("pid", -1))):
+            if not process_alive(int(holder.get("pid", -1))):
                 return f"process {holder.get('pid')} on this host is gone"
             return None
         if age > self.stale_after_s:
