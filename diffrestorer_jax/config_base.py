@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=16, num_steps=100_000, learning_rate=1e-5, warmup_steps=500, lr_schedule="constant",
         weight_decay=1e-2, b1=0.9, b2=0.999, clip_grad_norm=1.0, grad_accum_steps=1, ema_decay=0.9999,
         classifier_weight=0.1, max_consecutive_skips=20,
+        # stage 1: probability of training an example with a zero semantic prompt (the null prompt
+        # of classifier-free guidance, sampler.guidance_scale); 0 = the paper's training, no CFG
+        null_prompt_prob=0.0,
         # stage 2 (decoder): L1 + LPIPS + PatchGAN hinge after gan_start_step
         lpips_weight=1.0, gan_weight=0.1, gan_start_step=10_000, lpips_vgg="", lpips_lin="",
         # the decoder's latents: 'hq' (VAE of HQ), 'predicted' (the stage-1 model's one-step z_0
