@@ -11,7 +11,6 @@ config over `config_base.base_config()`, so readers find every field, with today
 older export lacks one.
 """
 import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.config_base import base_config
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import sharding
@@ -32,21 +32,20 @@ AS_SAVED = ("model.unet", "model.vae", "model.clip")
 
 def save_export(directory: str, params: Dict[str, Any], config) -> str:
     """Write params (all six networks) + config JSON to `directory` (replaced if it exists)."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = paths.path(directory)
     missing = [n for n in dr.NETWORKS if n not in params]
     if missing:
         raise ValueError(f"save_export: params lack networks {missing}; an export holds all of "
                          f"{list(dr.NETWORKS)}")
     params = {n: params[n] for n in dr.NETWORKS}
-    os.makedirs(directory, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+        ckpt.save(directory / PARAMS_DIR, params, force=True)
         ckpt.wait_until_finished()
     if jax.process_index() == 0:
         text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            f.write(text)
-    return directory
+        (directory / CONFIG_FILE).write_text(text)
+    return str(directory)
 
 
 def over_base(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
@@ -66,12 +65,11 @@ def over_base(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
     """The export's config over the base config (see `over_base`)."""
-    path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = paths.path(directory) / CONFIG_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an export directory: {CONFIG_FILE} is missing "
                                 f"(exports are written to <workdir>/export at the end of training)")
-    with open(path) as f:
-        return over_base(json.load(f))
+    return over_base(json.loads(path.read_text()))
 
 
 def abstract_params(nets: dr.Networks, image_size: int):
@@ -99,7 +97,7 @@ def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rule
         shardings = {n: shardings[n] if n in shardings else jax.tree.map(lambda _: one, sharding.unbox(boxed[n]))
                      for n in dr.NETWORKS}
     target = sharding.abstract_with_shardings(boxed, shardings)
-    path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    path = paths.path(directory) / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path, target=target)
     return config, nets, {n: params[n] for n in names}

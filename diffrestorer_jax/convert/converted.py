@@ -5,13 +5,13 @@ renaming/transposing, and needs neither torch nor the original files.
 """
 import dataclasses
 import json
-import os
 from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.convert.core import CheckpointError
 
 MODULE_FILE = "flax_module.json"
@@ -55,24 +55,23 @@ def _from_json(v):
 
 
 def is_converted(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODULE_FILE))
+    return (paths.path(path) / MODULE_FILE).is_file()
 
 
 def save_converted(directory: str, module, params) -> None:
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = paths.path(directory)  # local or a URL (gs://...)
+    directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, PARAMS_DIR), params, force=True)
-    with open(os.path.join(directory, MODULE_FILE), "w") as f:
-        json.dump({"class": type(module).__name__, "fields": module_fields(module)}, f, indent=1)
+        ckptr.save(directory / PARAMS_DIR, params, force=True)
+    spec = {"class": type(module).__name__, "fields": module_fields(module)}
+    (directory / MODULE_FILE).write_text(json.dumps(spec, indent=1))
 
 
 def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
     """(module, params) from a directory written by `save_converted`."""
-    directory = os.path.abspath(directory)
+    directory = paths.path(directory)
     try:
-        with open(os.path.join(directory, MODULE_FILE)) as f:
-            spec = json.load(f)
+        spec = json.loads((directory / MODULE_FILE).read_text())
         cls = _module_classes()[spec["class"]]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{directory}: not a converted-weights folder ({MODULE_FILE}: {e})") from e
@@ -81,7 +80,7 @@ def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
         fields["dtype"] = fields["param_dtype"] = dtype
     module = cls(**fields)
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+        params = ckptr.restore(directory / PARAMS_DIR)
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return module, params

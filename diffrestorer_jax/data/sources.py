@@ -10,13 +10,13 @@ a resumed run sees exactly the batches of an uninterrupted one), `example_batch(
 like a batch: what the step is compiled for) and `sample_hq(n)` (fixed crops for periodic samples).
 Batches carry global example ids step * batch + i ('index'), the keys of per-example randomness.
 """
-import os
 from typing import Any, Callable, Dict, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data import pipeline as pl
 from diffrestorer_jax.data.image_io import IMAGE_EXTENSIONS
 
@@ -101,13 +101,14 @@ def load_training_images(config) -> np.ndarray:
         from diffrestorer_jax.data import demo_photos  # never the held-out coffee / rocket
         return demo_photos.train_photos(load)
     if kind == "hq_folder":
-        from diffrestorer_jax.data.image_io import read_image, square
-        folder = config.data.hq_dir
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) if folder else []
+        from diffrestorer_jax.data.image_io import decode_image, square
+        folder = paths.path(config.data.hq_dir) if config.data.hq_dir else None  # local or gs://...
+        files = sorted((f for f in folder.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS)),
+                       key=lambda f: f.name) if folder is not None and folder.is_dir() else []
         if not files:
-            raise FileNotFoundError(f"config.data.hq_dir={folder!r} holds no images "
+            raise FileNotFoundError(f"config.data.hq_dir={config.data.hq_dir!r} holds no images "
                                     f"({', '.join(IMAGE_EXTENSIONS)})")
-        return np.stack([square(read_image(os.path.join(folder, f)), load) for f in files])
+        return np.stack([square(decode_image(f.read_bytes(), str(f)), load) for f in files])
     raise DataConfigError(f"config.data.kind={kind!r}: use 'skimage', 'hq_folder' or 'tfds'")
 
 

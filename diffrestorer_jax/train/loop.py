@@ -9,7 +9,6 @@ position; frozen params are rebuilt, never checkpointed) and ends with a final c
 `<workdir>/export` (EMA of the trained networks + the frozen ones).
 """
 import logging
-import os
 import time
 from typing import Dict, Optional
 
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data import degradations, sources
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.export import save_export
@@ -54,11 +54,11 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
     compiled step and init, e.g. to restart in the same process; `workdir` says where to write.
     """
     run = Run(config, devices, compiler_options) if run is None else run
-    workdir = os.path.abspath(workdir)
+    workdir = paths.path(workdir)  # gs://... stays a URL (os.path would make it local)
     tcfg = config.train
     # Data first: a data mistake stops the run before anything is written.
     data = sources.make_data(config, run.batch_layout)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.checkpoint_every,
+    ckpt = Checkpointer(workdir / "checkpoints", tcfg.checkpoint_every,
                         tcfg.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
@@ -71,7 +71,7 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
         state, frozen = run.init()
     start = int(jax.device_get(state.step))
     end = int(tcfg.num_steps) if max_steps is None else min(int(tcfg.num_steps), start + max_steps)
-    writer = MetricsWriter(os.path.join(workdir, "tb"), int(tcfg.num_steps), start)
+    writer = MetricsWriter(workdir / "tb", int(tcfg.num_steps), start)
     run.compile(data.example_batch())
     # Processes finish compiling at different times; meet before the first collective (see barrier).
     mesh_lib.barrier(f"train step compiled at {start}")
@@ -111,8 +111,8 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
             ckpt.save(step, state, config, data.get_state())
             ckpt.wait()
             if step >= int(tcfg.num_steps):
-                save_export(os.path.join(workdir, "export"), run.export_params(state, frozen), config)
-                print(f"exported to {os.path.join(workdir, 'export')}", flush=True)
+                save_export(workdir / "export", run.export_params(state, frozen), config)
+                print(f"exported to {workdir / 'export'}", flush=True)
     finally:
         ckpt.close()
         writer.close()
