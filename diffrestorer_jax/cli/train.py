@@ -28,15 +28,19 @@ def main(argv) -> int:
     startup.absl_console()
     from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()  # before any other JAX call
+    from diffrestorer_jax.train.preemption import PreemptionGuard
+    guard = PreemptionGuard()  # from here on a SIGTERM is a request to save and stop, not death
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
     try:
-        status = loop.train(_CONFIG.value, _WORKDIR.value,
+        status = loop.train(_CONFIG.value, _WORKDIR.value, guard=guard,
                             compiler_options=run.FAST_COMPILE if _FAST.value else None)
     except (FloatingPointError, DataConfigError, FileNotFoundError) as e:
         # the non-finite streak, or training data that is not there: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        guard.close()
     print(f"training {status}", flush=True)
     return 0
 

@@ -52,7 +52,20 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
 
     `run`: a `Run` already built for this very config (devices, compiler options), reused with its
     compiled step and init, e.g. to restart in the same process; `workdir` says where to write.
+    The preemption guard is up before anything else, so a SIGTERM while the run builds, loads data,
+    restores or compiles is honoured at the next check, not fatal (preemption.py).
     """
+    own_guard = guard is None
+    guard = PreemptionGuard() if own_guard else guard
+    try:
+        return _train(config, workdir, devices, compiler_options, max_steps, guard, run)
+    finally:
+        if own_guard:
+            guard.close()
+
+
+def _train(config, workdir, devices, compiler_options, max_steps, guard: PreemptionGuard,
+           run: Optional[Run]) -> str:
     run = Run(config, devices, compiler_options) if run is None else run
     workdir = paths.path(workdir)  # gs://... stays a URL (os.path would make it local)
     tcfg = config.train
@@ -72,16 +85,22 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
     start = int(jax.device_get(state.step))
     end = int(tcfg.num_steps) if max_steps is None else min(int(tcfg.num_steps), start + max_steps)
     writer = MetricsWriter(workdir / "tb", int(tcfg.num_steps), start)
-    run.compile(data.example_batch())
-    # Processes finish compiling at different times; meet before the first collective (see barrier).
-    mesh_lib.barrier(f"train step compiled at {start}")
+    stop = guard.should_stop(start)  # a signal during build, data loading, restore or init
+    if not stop:
+        run.compile(data.example_batch())
+        # Processes finish compiling at different times; meet before the first collective (see barrier).
+        mesh_lib.barrier(f"train step compiled at {start}")
+        stop = guard.should_stop(start)
     sample_lq = None
-    own_guard = guard is None
-    guard = PreemptionGuard() if own_guard else guard
     status, history, t_last, n_last = "done", [], time.time(), 0
     try:
         step = start
-        while step < end:
+        if stop:  # at `start`: nothing trained since the checkpoint (if any), so none is rewritten
+            ckpt.save(step, state, config, data.get_state())
+            ckpt.wait()
+            print(f"preempted: checkpoint saved at step {step}", flush=True)
+            status = "preempted"
+        while status == "done" and step < end:
             state, metrics = run.step(state, frozen, next(data))
             step += 1
             history.append(metrics)
@@ -116,8 +135,6 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
     finally:
         ckpt.close()
         writer.close()
-        if own_guard:
-            guard.close()
     return status
 
 
