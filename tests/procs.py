@@ -50,8 +50,11 @@ def distributed_envs(num_processes: int, devices_per_process: int) -> List[Dict[
     """One env per process for `jax.distributed.initialize` on localhost (read by
     `parallel.mesh.maybe_initialize_distributed`), sharing a fresh coordinator port."""
     address = f"localhost:{portpicker.pick_unused_port()}"
+    # 900 s without a heartbeat before a process is declared dead (JAX's 100 s killed both
+    # processes of a run on a host at load 60, 2026-12-04)
     return [worker_env(devices_per_process, JAX_COORDINATOR_ADDRESS=address,
-                       JAX_NUM_PROCESSES=num_processes, JAX_PROCESS_ID=i)
+                       JAX_NUM_PROCESSES=num_processes, JAX_PROCESS_ID=i,
+                       DIFFRESTORER_HEARTBEAT_TIMEOUT_S=900)
             for i in range(num_processes)]
 
 
