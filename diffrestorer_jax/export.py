@@ -11,7 +11,6 @@ config over `config_base.base_config()`, so readers find every field, with today
 older export lacks one.
 """
 import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from diffrestorer_jax import atomic
+from diffrestorer_jax import atomic, paths
 from diffrestorer_jax.config_base import base_config
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import mesh as mesh_lib
@@ -33,9 +32,9 @@ AS_SAVED = ("model.unet", "model.vae", "model.clip")
 
 
 def save_export(directory: str, params: Dict[str, Any], config) -> str:
-    """Write params (all six networks) + config JSON to `directory`, replacing an existing export
-    atomically: a kill at any moment leaves the previous export or the new one (atomic.py)."""
-    directory = os.path.abspath(os.fspath(directory))
+    """Write params (all six networks) + config JSON to `directory` (local or a URL), replacing an
+    existing export atomically: a kill at any moment leaves the previous export or the new one."""
+    directory = paths.path(directory)
     missing = [n for n in dr.NETWORKS if n not in params]
     if missing:
         raise ValueError(f"save_export: params lack networks {missing}; an export holds all of "
@@ -45,15 +44,14 @@ def save_export(directory: str, params: Dict[str, Any], config) -> str:
     if primary:
         atomic.begin(directory)
     mesh_lib.barrier(f"export {directory}: new version begun")
-    tmp = directory + atomic.NEW
+    tmp = directory.parent / (directory.name + atomic.NEW)
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
+            ckpt.save(tmp / PARAMS_DIR, params)
             ckpt.wait_until_finished()
         if primary:
             text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
-            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                f.write(text)
+            (tmp / CONFIG_FILE).write_text(text)
         mesh_lib.barrier(f"export {directory}: new version written")
     except BaseException:
         if primary:
@@ -62,7 +60,7 @@ def save_export(directory: str, params: Dict[str, Any], config) -> str:
     if primary:
         atomic.commit(directory)
     mesh_lib.barrier(f"export {directory}: committed")
-    return directory
+    return str(directory)
 
 
 def over_base(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
@@ -80,23 +78,15 @@ def over_base(saved: Dict[str, Any]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(merge(base_config().to_dict(), saved, ""))
 
 
-def _finish_interrupted_save(directory: str) -> None:
-    """A save killed mid-swap leaves `<dir>.new` / `<dir>.old` beside (or instead of) the export:
-    put the whole version in place before reading (nothing to do, and nothing written, otherwise)."""
-    d = os.path.abspath(os.fspath(directory))
-    if os.path.lexists(d + atomic.NEW) or os.path.lexists(d + atomic.OLD):
-        atomic.resolve(d)
-
-
 def load_config(directory: str) -> ml_collections.ConfigDict:
     """The export's config over the base config (see `over_base`)."""
-    _finish_interrupted_save(directory)
-    path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.isfile(path):
+    if atomic.interrupted(directory):  # a save killed mid-swap: put the whole version in place
+        atomic.resolve(directory)
+    path = paths.path(directory) / CONFIG_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{directory} is not an export directory: {CONFIG_FILE} is missing "
                                 f"(exports are written to <workdir>/export at the end of training)")
-    with open(path) as f:
-        return over_base(json.load(f))
+    return over_base(json.loads(path.read_text()))
 
 
 def abstract_params(nets: dr.Networks, image_size: int):
@@ -124,7 +114,7 @@ def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rule
         shardings = {n: shardings[n] if n in shardings else jax.tree.map(lambda _: one, sharding.unbox(boxed[n]))
                      for n in dr.NETWORKS}
     target = sharding.abstract_with_shardings(boxed, shardings)
-    path = os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR)
+    path = paths.path(directory) / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path, target=target)
     return config, nets, {n: params[n] for n in names}

@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# Train on a SLURM GPU cluster: one process per GPU, all nodes of the allocation.
+# Train on a SLURM GPU cluster: one process per GPU, on every node of the allocation. Submit it from
+# the root of this checkout, installed once with its GPU extra into .venv on a shared file system:
 #
-#   sbatch --nodes=2 launch/train_slurm.sh configs/sd15.py:stage1 /shared/runs/sd15_s1 [--config.x=y]
+#   python3 -m venv .venv && .venv/bin/pip install -e '.[cuda,gcs]'
+#   sbatch --nodes=2 launch/train_slurm.sh configs/sd15.py:stage1 /shared/runs/sd15_s1 \
+#       --config.weights.unet=weights/sd15/unet ...
 #
 # JAX's SLURM detection (used by jax.distributed.initialize() in diffrestorer-train when
 # SLURM_NTASKS > 1) reads the coordinator, process count and id from the SLURM env; we also set
-# them explicitly so the launch works where auto-detection does not. WORKDIR must be on a shared
-# filesystem. Resubmitting the same job resumes from the latest checkpoint; SLURM's SIGTERM before
-# a time limit or preemption (--signal) makes every process save at the same step and exit 0.
+# them explicitly so the launch works where auto-detection does not. WORKDIR must be on a file
+# system every node sees (or a gs:// bucket). Submitting the same job again resumes from the latest
+# checkpoint; SLURM's SIGTERM before the time limit or on preemption (--signal, sent to every task)
+# makes every process save the same step and exit 0, and --requeue puts the job back in the queue.
 #SBATCH --job-name=diffrestorer
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --signal=TERM@120
 #SBATCH --requeue
+#SBATCH --output=diffrestorer-%j.log
 set -euo pipefail
 CONFIG=${1:?usage: $0 configs/<name>.py[:arg] WORKDIR [--config.x=y ...]}; WORKDIR=${2:?workdir}; shift 2
+REPO=${SLURM_SUBMIT_DIR:-$PWD}
+TRAIN="$REPO/.venv/bin/diffrestorer-train"
+[[ -x "$TRAIN" ]] || { echo "$TRAIN not found: install this checkout into .venv first (see the top of $0)" >&2; exit 2; }
 
 COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export JAX_COORDINATOR_ADDRESS="${COORD_HOST}:12355"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"
 
 # One task per GPU: each sees one device; JAX_PROCESS_ID comes from the task's rank.
+cd "$REPO"
 srun --kill-on-bad-exit=1 bash -c '
   export JAX_PROCESS_ID=$SLURM_PROCID CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
-  exec diffrestorer-train --config="$0" --workdir="$1" "${@:2}"' "$CONFIG" "$WORKDIR" "$@"
+  exec "$0" --config="$1" --workdir="$2" "${@:3}"' "$TRAIN" "$CONFIG" "$WORKDIR" "$@"

@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# Train on every worker of a Cloud TPU VM pod slice (e.g. v4-32, v5p-64).
+# Train on every worker of a Cloud TPU VM pod slice (e.g. v5litepod-256, v4-32, v5p-64), from your
+# own machine (gcloud installed and logged in), in the root of this checkout.
 #
-#   TPU_NAME=my-pod ZONE=us-central2-b WORKDIR=gs://bucket/runs/sd15_s1 \
-#     launch/train_tpu_pod.sh configs/sd15.py:stage1 [--config.x=y ...]
+#   # once per TPU VM: copy this checkout to every worker and install it there (jax[tpu], gcsfs)
+#   TPU_NAME=my-pod ZONE=us-west4-a launch/train_tpu_pod.sh --setup
+#   # train; the same command again resumes from the latest checkpoint in WORKDIR
+#   TPU_NAME=my-pod ZONE=us-west4-a WORKDIR=gs://my-bucket/runs/sd15_s1 \
+#     launch/train_tpu_pod.sh configs/sd15.py:stage1_pod --config.x=y ...
 #
-# The same command runs on all workers (--worker=all). Each worker's JAX finds its peers from the
-# TPU metadata: diffrestorer-train calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
-# several hosts. WORKDIR must be shared storage (a GCS bucket): Orbax writes each host's shards
-# there, and a re-run of this script resumes from the latest checkpoint (e.g. after preemption:
-# SIGTERM makes every host save at the same step and exit 0).
-# Assumes the repo is checked out at ~/diffrestorer_jax with its venv on every worker.
+# The same command runs on all workers (--worker=all); each worker's JAX finds its peers from the TPU
+# metadata (diffrestorer-train calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
+# several hosts). WORKDIR must be a bucket (gs://...) every worker can write: checkpoints (each
+# worker writes its own shards), TensorBoard logs and the export go there. Weights and datasets may
+# be gs:// paths too. On preemption (SIGTERM to any worker) every worker saves the same step and
+# exits 0; run the same command again to resume. Each worker's console goes to ~/train.log there.
 set -euo pipefail
-CONFIG=${1:?usage: $0 configs/<name>.py[:arg] [--config.x=y ...]}; shift
-: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"
-EXTRA=$(printf ' %q' "$@")
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+REMOTE_DIR=diffrestorer_jax
+ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "$1"; }
 
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command "
-  cd ~/diffrestorer_jax && . .venv/bin/activate &&
-  diffrestorer-train --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee -a ~/train.log"
+if [[ "${1:-}" == "--setup" ]]; then
+  tarball=$(mktemp --suffix=.tar.gz)
+  git archive --format=tar.gz -o "$tarball" HEAD
+  gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME":~/diffrestorer_jax.tar.gz --zone="$ZONE" --worker=all
+  rm -f "$tarball"
+  ssh_all "set -e; rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf ~/diffrestorer_jax.tar.gz -C ~/$REMOTE_DIR &&
+    cd ~/$REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip &&
+    .venv/bin/pip install -q -e '.[tpu,gcs]' && .venv/bin/python -c 'import jax; print(jax.device_count(), \"devices\")'"
+  exit 0
+fi
+
+CONFIG=${1:?usage: $0 --setup | $0 configs/<name>.py[:arg] [--config.x=y ...]}; shift
+: "${WORKDIR:?set WORKDIR (a gs:// bucket path every worker can write)}"
+EXTRA=$(printf ' %q' "$@")
+ssh_all "cd ~/$REMOTE_DIR && set -o pipefail &&
+  .venv/bin/diffrestorer-train --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee -a ~/train.log"

@@ -35,7 +35,11 @@ def worker_env(num_devices: int, **extra: str) -> Dict[str, str]:
     """The parent's env with `num_devices` fake CPU devices and the repo importable."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
+    # XLA CPU aborts a process whose devices' threads do not all reach a collective within 40 s;
+    # on a loaded 2-core host 8 fake devices' threads can be starved that long (seen, 2026-12-04)
+    flags = (f"--xla_force_host_platform_device_count={num_devices} "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=900")
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
                PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -46,8 +50,11 @@ def distributed_envs(num_processes: int, devices_per_process: int) -> List[Dict[
     """One env per process for `jax.distributed.initialize` on localhost (read by
     `parallel.mesh.maybe_initialize_distributed`), sharing a fresh coordinator port."""
     address = f"localhost:{portpicker.pick_unused_port()}"
+    # 900 s without a heartbeat before a process is declared dead (JAX's 100 s killed both
+    # processes of a run on a host at load 60, 2026-12-04)
     return [worker_env(devices_per_process, JAX_COORDINATOR_ADDRESS=address,
-                       JAX_NUM_PROCESSES=num_processes, JAX_PROCESS_ID=i)
+                       JAX_NUM_PROCESSES=num_processes, JAX_PROCESS_ID=i,
+                       DIFFRESTORER_HEARTBEAT_TIMEOUT_S=900)
             for i in range(num_processes)]
 
 

@@ -56,6 +56,12 @@ def main():
         tx, targets, _, bsh, train_step = toy_train.plan(mesh)
         state, step = restore_or_init(ckpt, tx, targets, mesh)
         print(f"START {step}", flush=True)
+        if guard.should_stop(step):  # a signal during start-up, checked as train.loop does
+            if ckpt is not None:
+                ckpt.save(step, state, {"mesh": args.mesh}, {"next_step": step})
+                ckpt.close()
+            print(f"PREEMPTED {step}", flush=True)
+            return 0
         while step < args.steps:
             state, _ = train_step(state, toy_train.put_batch(toy_train.batch_at(step), bsh))
             step += 1

@@ -1,10 +1,13 @@
-"""diffrestorer-aot: compile Diff-Restorer's steps for a TPU slice on this (CPU) host, and report
-memory and FLOPs.
+"""diffrestorer-aot: compile Diff-Restorer's steps for a TPU slice or an 8-GPU host on this (CPU)
+host, and report memory and FLOPs.
 
     diffrestorer-aot --config configs/sd15.py:stage1 --topology v5e-256 --batch 256 \
         [--what train|restore] [--num_slices 2] [--restore_steps 2] [--config.x=y ...]
+    diffrestorer-aot --config configs/sd15.py:stage1 --topology h100x8 --batch 16
 
-Needs `libtpu` (pip install -e .[tpu_aot]) but no TPU. `--what train` compiles the config's stage
+TPU topologies need `libtpu` (pip install -e .[tpu_aot]) but no TPU; h100x8 / h200x8 need the
+CUDA PJRT plugin (pip install -e .[gpu_aot], best in an environment of its own) but no GPU, and
+compile attention with XLA's implementation (cuDNN's needs a GPU to build its kernels). `--what train` compiles the config's stage
 step, `--what restore` the whole restore program (CLIP, prompts, the sampler's lax.scan over
 `--restore_steps` denoising steps, decoder). The printout gives per chip: argument / output / temp /
 total bytes against the chip's HBM, XLA's FLOPs beside our model FLOP count, the step time implied at
@@ -18,7 +21,8 @@ from ml_collections import config_flags
 from diffrestorer_jax.cli import startup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=False)
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e-256", "TPU slice: v4-32, v5e-256, v5p-128, v6e-256, ...")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e-256", "TPU slice (v4-32, v5e-256, v5p-128, v6e-256, "
+                                "...) or GPU host (h100x8, h200x8)")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (set config.mesh.dcn_* too)")
 _BATCH = flags.DEFINE_integer("batch", None, "global batch (default: config.train.batch_size)")
 _WHAT = flags.DEFINE_enum("what", "train", ["train", "restore", "stage1", "stage2"],
@@ -46,19 +50,28 @@ def main(argv) -> int:
         config.stage = _WHAT.value
     if _BATCH.value:
         config.train.batch_size = _BATCH.value
-    spec = topology.tpu_spec(_TOPOLOGY.value)
+    gpu = topology.is_gpu(_TOPOLOGY.value)
+    gen = topology.accelerator(_TOPOLOGY.value)
     devices = topology.topology_devices(_TOPOLOGY.value, _SLICES.value)
+    where = "" if gpu else f", topology {topology.tpu_spec(_TOPOLOGY.value).topology_name}"
     print(f"{_TOPOLOGY.value} x {_SLICES.value} slice(s): {len(devices)} devices "
-          f"({devices[0].device_kind}), topology {spec.topology_name}", flush=True)
+          f"({devices[0].device_kind}){where}", flush=True)
+    if gpu and config.model.attention_impl in ("auto", "cudnn"):
+        print("attention: XLA's (cuDNN's fused kernel cannot be built without a GPU)", flush=True)
+        config.model.attention_impl = "xla"
     mfus = tuple(float(u) for u in _MFU.value)
     if _WHAT.value == "restore":
         batch = _BATCH.value or int(config.train.batch_size)
         report = aot.compile_restore(config, devices, batch, _STEPS.value)
     else:
-        opts = None if _EFFORT.value is None else {"exec_time_optimization_effort": _EFFORT.value}
-        report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts)
-    print(aot.format_report(report, spec.generation, mfus))
-    return 0 if aot.fits(report, spec.generation) else 1
+        opts = dict(topology.GPU_AOT_OPTIONS) if gpu else {}
+        if _EFFORT.value is not None:
+            opts["exec_time_optimization_effort"] = _EFFORT.value
+        opts = opts or None
+        report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts,
+                                        backend="gpu" if gpu else "tpu")
+    print(aot.format_report(report, gen, mfus))
+    return 0 if aot.fits(report, gen) else 1
 
 
 def run() -> None:

@@ -30,12 +30,14 @@ def main(argv) -> int:
     startup.absl_console()
     from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()  # before any other JAX call
+    from diffrestorer_jax.train.preemption import PreemptionGuard
+    guard = PreemptionGuard()  # from here on a SIGTERM is a request to save and stop, not death
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
     from diffrestorer_jax.train.resume_check import ResumeMismatch
     from diffrestorer_jax.train.workdir_lock import WorkdirLocked
     try:
-        status = loop.train(_CONFIG.value, _WORKDIR.value,
+        status = loop.train(_CONFIG.value, _WORKDIR.value, guard=guard,
                             compiler_options=run.FAST_COMPILE if _FAST.value else None,
                             allow_config_changes=_ALLOW.value)
     except (FloatingPointError, DataConfigError, FileNotFoundError, ResumeMismatch, WorkdirLocked) as e:
@@ -43,6 +45,8 @@ def main(argv) -> int:
         # a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        guard.close()
     print(f"training {status}", flush=True)
     return 0
 

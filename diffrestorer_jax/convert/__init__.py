@@ -12,20 +12,32 @@ written by `diffrestorer-convert` (our converted format, see converted.py) loads
 """
 import os
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.convert.clip import load_clip_vision as _load_clip_source
 from diffrestorer_jax.convert.converted import is_converted, load_converted, save_converted
 from diffrestorer_jax.convert.core import CheckpointError
 
 
+def _local_source(path: str) -> str:
+    """PyTorch sources are read from local disk; on a URL only our converted folders load."""
+    if paths.is_url(path):
+        raise CheckpointError(f"{path}: no converted weights there (flax_module.json missing). PyTorch "
+                              "checkpoints are read from a local path: run diffrestorer-convert on "
+                              "them and give its --out folder (which may itself be on gs://)")
+    return path
+
+
 def load_clip_vision(path: str, dtype=None, **kwargs):
     if is_converted(path):
         return load_converted(path, dtype)
+    path = _local_source(path)
     return _load_clip_source(path, dtype, **kwargs)
 
 
 def load_unet(path: str, dtype=None, **kwargs):
     if is_converted(path):
         return load_converted(path, dtype)
+    path = _local_source(path)
     if os.path.isfile(path):
         from diffrestorer_jax.convert.ldm import load_unet_single_file
         return load_unet_single_file(path, dtype, **kwargs)
@@ -36,6 +48,7 @@ def load_unet(path: str, dtype=None, **kwargs):
 def load_vae(path: str, dtype=None, **kwargs):
     if is_converted(path):
         return load_converted(path, dtype)
+    path = _local_source(path)
     if os.path.isfile(path):
         from diffrestorer_jax.convert.ldm import load_vae_single_file
         return load_vae_single_file(path, dtype, **kwargs)
@@ -46,6 +59,7 @@ def load_vae(path: str, dtype=None, **kwargs):
 def load_control(path: str, dtype=None, **kwargs):
     if is_converted(path):
         return load_converted(path, dtype)
+    path = _local_source(path)
     from diffrestorer_jax.convert.control import load_control as load_folder
     return load_folder(path, dtype, **kwargs)
 

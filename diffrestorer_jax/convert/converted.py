@@ -5,14 +5,13 @@ renaming/transposing, and needs neither torch nor the original files.
 """
 import dataclasses
 import json
-import os
 from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from diffrestorer_jax import atomic
+from diffrestorer_jax import atomic, paths
 from diffrestorer_jax.convert.core import CheckpointError
 
 MODULE_FILE = "flax_module.json"
@@ -56,27 +55,26 @@ def _from_json(v):
 
 
 def is_converted(path: str) -> bool:
-    if os.path.lexists(os.path.abspath(path) + atomic.NEW) or os.path.lexists(os.path.abspath(path) + atomic.OLD):
-        atomic.resolve(path)  # a conversion killed mid-swap: put the whole version in place
-    return os.path.isfile(os.path.join(path, MODULE_FILE))
+    if atomic.interrupted(path):  # a conversion killed mid-swap: put the whole version in place
+        atomic.resolve(path)
+    return (paths.path(path) / MODULE_FILE).is_file()
 
 
 def save_converted(directory: str, module, params) -> None:
-    """Write (module, params) to `directory`, replacing what is there atomically (atomic.py): a kill
-    leaves the previous conversion or the new one."""
-    with atomic.replacing(os.path.abspath(directory)) as tmp:
+    """Write (module, params) to `directory` (local or a URL), replacing what is there atomically
+    (atomic.py): a kill leaves the previous conversion or the new one."""
+    with atomic.replacing(directory) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-        with open(os.path.join(tmp, MODULE_FILE), "w") as f:
-            json.dump({"class": type(module).__name__, "fields": module_fields(module)}, f, indent=1)
+            ckptr.save(tmp / PARAMS_DIR, params)
+        spec = {"class": type(module).__name__, "fields": module_fields(module)}
+        (tmp / MODULE_FILE).write_text(json.dumps(spec, indent=1))
 
 
 def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
     """(module, params) from a directory written by `save_converted`."""
-    directory = os.path.abspath(directory)
+    directory = paths.path(directory)
     try:
-        with open(os.path.join(directory, MODULE_FILE)) as f:
-            spec = json.load(f)
+        spec = json.loads((directory / MODULE_FILE).read_text())
         cls = _module_classes()[spec["class"]]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{directory}: not a converted-weights folder ({MODULE_FILE}: {e})") from e
@@ -85,7 +83,7 @@ def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
         fields["dtype"] = fields["param_dtype"] = dtype
     module = cls(**fields)
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(directory, PARAMS_DIR))
+        params = ckptr.restore(directory / PARAMS_DIR)
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return module, params

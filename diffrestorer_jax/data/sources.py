@@ -11,13 +11,13 @@ like a batch: what the step is compiled for) and `sample_hq(n)` (fixed crops for
 Batches carry global example ids step * batch + i ('index'), the keys of per-example randomness.
 """
 import logging
-import os
 from typing import Any, Callable, Dict, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data import pipeline as pl
 from diffrestorer_jax.data.image_io import IMAGE_EXTENSIONS
 
@@ -102,20 +102,21 @@ def load_training_images(config) -> np.ndarray:
         from diffrestorer_jax.data import demo_photos  # never the held-out coffee / rocket
         return demo_photos.train_photos(load)
     if kind == "hq_folder":
-        from diffrestorer_jax.data.image_io import ImageReadError, read_image, square
-        folder = config.data.hq_dir
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) if folder else []
+        from diffrestorer_jax.data.image_io import ImageReadError, decode_image, square
+        folder = paths.path(config.data.hq_dir) if config.data.hq_dir else None  # local or gs://...
+        files = sorted((f for f in folder.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS)),
+                       key=lambda f: f.name) if folder is not None and folder.is_dir() else []
         images = []
         for f in files:
             try:
-                images.append(square(read_image(os.path.join(folder, f)), load))
+                images.append(square(decode_image(f.read_bytes(), str(f)), load))
             except ImageReadError as e:
                 logging.warning("skipping unreadable training image %s: %s", e.path, e.reason)
         if len(images) < len(files):
             print(f"{len(files) - len(images)} of {len(files)} images in {folder} could not be read and "
                   "are skipped (named in the warnings above)", flush=True)
         if not images:
-            raise FileNotFoundError(f"config.data.hq_dir={folder!r} holds no readable images "
+            raise FileNotFoundError(f"config.data.hq_dir={config.data.hq_dir!r} holds no readable images "
                                     f"({', '.join(IMAGE_EXTENSIONS)})")
         return np.stack(images)
     raise DataConfigError(f"config.data.kind={kind!r}: use 'skimage', 'hq_folder' or 'tfds'")

@@ -20,14 +20,19 @@ The backend 'auto' chooses for is the default backend, or the one set by `target
 (ahead-of-time compilation for TPU from a CPU host must not pick the CPU path;
 `target_backend("flops")` makes 'auto' pick 'xla' everywhere, so XLA's HLO cost model sees every
 attention as plain dots: a Pallas or cuDNN call and the blocked loop hide their FLOPs from it).
-Under a GSPMD mesh 'auto' never picks the TPU kernel (see `_partitioned_by_gspmd`).
 `upcast=True` computes in float32 (cuDNN has no float32 kernel, so on GPU that means XLA).
 
-The TPU kernel runs per device: under `jit` with sharded activations call it inside `shard_map`
-(batch/heads split) — GSPMD cannot partition a Pallas call and would replicate it.
+Under a mesh (`jax.set_mesh`, as training sets it) the kernels run per device: GSPMD cannot
+partition a Pallas call (it would replicate it: every chip attending the whole global batch) nor
+the blocked loop (its lax.map over (example, head) tiles would gather the batch). So 'pallas_tpu',
+'cudnn' and 'blocked' are called inside `shard_map` over the mesh axes the logical rules give
+'activation_batch' (each chip attends its own images) and 'heads' (tensor parallelism), and 'auto'
+picks them under a mesh as it does on one device (`_per_device`). Inside a `shard_map` already (the
+restore program) they are called directly.
 """
 import contextlib
 import functools
+import math
 from typing import Iterator, Optional
 
 import jax
@@ -78,6 +83,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Op
     impl = _choose(implementation, q, k)
     if upcast and impl == "cudnn":
         impl = "xla"  # cuDNN has no float32 flash kernel
+    if impl != "xla" and _partitioned_by_gspmd():
+        one = functools.partial(dot_product_attention, scale=scale, implementation=impl)
+        return _per_device(one, q, k, v).astype(dtype)
     if impl == "cudnn":
         _check_cudnn(q)
         out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
@@ -99,22 +107,52 @@ def _choose(implementation: str, q, k) -> str:
     if backend == "gpu" and _cudnn_problem(q) is None:
         return "cudnn"
     long = min(q.shape[1], k.shape[1]) >= PALLAS_MIN_LENGTH
-    if backend == "tpu" and long and not _partitioned_by_gspmd():
+    if backend == "tpu" and long:
         return "pallas_tpu"
-    if backend == "cpu" and q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES and not _partitioned_by_gspmd():
+    if backend == "cpu" and q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES:
         return "blocked"
     return "xla"
 
 
-def _partitioned_by_gspmd() -> bool:
-    """True under a mesh (`jax.set_mesh`) with a non-manual axis of size > 1: GSPMD would replicate
-    a Pallas call there (every chip computing the whole batch), so 'auto' keeps XLA's attention.
-    Inside `shard_map` (all axes manual, as in the restore program) the kernel sees its own rows."""
+def _free_axes() -> dict:
+    """{name: size} of the context mesh's axes of size > 1 that are not manual (shard_map'ed)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return False
+        return {}
     manual = set(mesh.manual_axes)
-    return any(size > 1 and name not in manual for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+    return {n: s for n, s in zip(mesh.axis_names, mesh.axis_sizes) if s > 1 and n not in manual}
+
+
+def _partitioned_by_gspmd() -> bool:
+    """True under a mesh with a non-manual axis of size > 1, where GSPMD partitions the program."""
+    return bool(_free_axes())
+
+
+def _split_axes(logical: str, free: dict, size: int, taken=()):
+    """The mesh axes the logical rules in scope give `logical`, kept to the free ones not `taken`,
+    innermost dropped until their product divides `size` (None: not split)."""
+    from flax import linen as nn
+    rule = nn.logical_to_mesh_axes((logical,))[0]
+    axes = [a for a in ((rule,) if isinstance(rule, str) else tuple(rule or ())) if a in free and a not in taken]
+    while axes and size % math.prod(free[a] for a in axes):
+        axes.pop()
+    return tuple(axes) or None
+
+
+def _per_device(fn, q, k, v):
+    """fn(q, k, v) on each device's own rows: `shard_map` over the free mesh axes, batch split as
+    'activation_batch' and heads as 'heads' by the logical rules in scope; axes the rules leave out
+    see the same rows on every device (the result is replicated over them, as GSPMD would)."""
+    from jax.sharding import PartitionSpec as P
+    free = _free_axes()
+    batch = _split_axes("activation_batch", free, q.shape[0])
+    heads = _split_axes("heads", free, q.shape[2], taken=batch or ())
+    spec = P(batch, None, heads, None)
+    mesh = jax.sharding.get_abstract_mesh()
+    # Every axis manual, those of size 1 too: a Pallas TPU call refuses a partly automatic context.
+    manual = set(mesh.axis_names) - set(mesh.manual_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         axis_names=manual, check_vma=False)(q, k, v)
 
 
 def _cudnn_problem(q) -> Optional[str]:
@@ -301,9 +339,10 @@ def _tiled_attention_bwd(lk, residuals, d_out):
 _tiled_attention.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, lq: int, lk: int, interpret: bool):
-    """Build (once per shape) a dense multi-head splash kernel with the largest blocks that fit."""
+    """A dense multi-head splash kernel with the largest blocks that fit. Built per call, in the
+    trace that uses it: the kernel holds its mask-info arrays, and a kernel cached across traces
+    leaks one trace's arrays into another (a shard_map's backward is traced apart from its forward)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     bq, bkv = _block(lq), _block(lk)

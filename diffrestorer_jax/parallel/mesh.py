@@ -126,6 +126,10 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
     detected = int(env.get("SLURM_NTASKS", "1")) > 1 or _tpu_pod_workers() > 1
     if not (explicit or detected or force):
         return False
+    if env.get("DIFFRESTORER_HEARTBEAT_TIMEOUT_S"):
+        # JAX declares a process dead after 100 s without a heartbeat; a starved host (tests on a
+        # loaded machine) needs longer
+        kwargs.setdefault("heartbeat_timeout_seconds", int(env["DIFFRESTORER_HEARTBEAT_TIMEOUT_S"]))
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         # CPU processes need a cross-process collectives backend (jax 0.10's default is gloo already).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

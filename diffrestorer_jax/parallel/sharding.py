@@ -62,16 +62,47 @@ def _fit_dim(mesh: Mesh, axes, size: int):
     return kept[0] if len(kept) == 1 else tuple(kept)
 
 
+def _as_list(axes):
+    return [] if axes is None else [axes] if isinstance(axes, str) else list(axes)
+
+
+def _rehome(fitted, spec, shape, mesh: Mesh):
+    """Mesh axes `_fit_dim` dropped, moved to another dimension of the same weight that they divide
+    (largest first), so SD 1.5's 320/640-channel kernels are split over 256 chips by their other
+    channel dimension (1280, 2560, ...) instead of replicated on every chip with their gradients
+    and Adam moments. Spatial kernel dims (3) never divide, so only channel dims take them."""
+    dropped = [a for axes, kept in zip(tuple(spec), fitted) for a in _as_list(axes)
+               if a not in _as_list(kept) and mesh.shape[a] > 1]
+    out = [_as_list(k) for k in fitted]
+    for axis in dropped:
+        used = {a for axes in out for a in axes}
+        if axis in used:
+            continue
+        order = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for i in order:
+            if shape[i] % (_axis_size(mesh, out[i] + [axis])) == 0:
+                out[i] = out[i] + [axis]
+                break
+    return tuple(None if not a else a[0] if len(a) == 1 else tuple(a) for a in out)
+
+
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str = "") -> PartitionSpec:
-    """`spec` with every non-dividing mesh axis dropped from its dimension; logs each change once."""
+    """`spec` made to fit `shape`: a mesh axis that does not divide its dimension moves to another
+    dimension it divides (`_rehome`), or is dropped (that weight replicated over it); each change
+    is logged once."""
     fitted = tuple(_fit_dim(mesh, axes, dim) for axes, dim in zip(tuple(spec), shape))
+    if fitted != tuple(spec)[:len(fitted)]:
+        fitted = _rehome(fitted, spec, shape, mesh)
     if fitted != tuple(spec)[:len(fitted)]:
         key = (tuple(spec), tuple(shape), tuple(mesh.shape.items()))
         if key not in _LOGGED_FALLBACKS:
             _LOGGED_FALLBACKS.add(key)
-            logging.warning("sharding %s%s: %s does not divide shape %s on mesh %s; using %s",
-                            where, "" if not where else " ", spec, tuple(shape), dict(mesh.shape),
-                            PartitionSpec(*fitted))
+            lost = ({a for axes in tuple(spec) for a in _as_list(axes) if mesh.shape[a] > 1}
+                    - {a for axes in fitted for a in _as_list(axes)})
+            log = logging.warning if lost else logging.info
+            log("sharding %s%s: %s does not divide shape %s on mesh %s; using %s%s",
+                where, "" if not where else " ", spec, tuple(shape), dict(mesh.shape),
+                PartitionSpec(*fitted), f" (replicated over {sorted(lost)})" if lost else "")
     return PartitionSpec(*fitted)
 
 

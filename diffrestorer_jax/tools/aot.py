@@ -38,7 +38,7 @@ from diffrestorer_jax.models import attention
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import mesh as mesh_lib
 from diffrestorer_jax.parallel import sharding
-from diffrestorer_jax.parallel.topology import GiB, TpuGeneration
+from diffrestorer_jax.parallel.topology import GiB
 from diffrestorer_jax.train.run import Run
 
 # ------------------------------------------------------------------------------------------------
@@ -116,19 +116,20 @@ def _for_counting(config):
 
 
 def compile_train_step(config, devices, count_model_flops: bool = True, paired: bool = False,
-                       compiler_options: Optional[dict] = None) -> Dict[str, Any]:
+                       compiler_options: Optional[dict] = None, backend: str = "tpu") -> Dict[str, Any]:
     """Compile the config's stage step for `devices`; memory, FLOPs, compile time (a dict).
 
     `paired`: the batch brings its LQ images, so the step has no on-device degradation (the
     degradation pipeline is most of the HLO and of the compile time, little of the memory/FLOPs).
     """
     t0 = time.time()
-    lowered, run = lower_train_step(config, devices, paired)
+    lowered, run = lower_train_step(config, devices, paired, backend=backend)
     t1 = time.time()
     compiled = lowered.compile(compiler_options)
     t2 = time.time()
     report = {"what": config.stage + (" (paired LQ)" if paired else ""), "mesh": dict(run.mesh.shape), "batch": int(config.train.batch_size),
-              "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
+              "remat": config.model.remat_policy, "attention": config.model.attention_impl,
+              "lower_s": t1 - t0, "compile_s": t2 - t1,
               "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
               "chips": len(devices), "images_per_step": int(config.train.batch_size)}
     if count_model_flops:
@@ -213,12 +214,15 @@ def _gib(n) -> str:
     return f"{n / GiB:7.2f} GiB"
 
 
-def format_report(report: Dict[str, Any], gen: TpuGeneration, mfus=(0.3, 0.4, 0.5)) -> str:
+def format_report(report: Dict[str, Any], gen, mfus=(0.3, 0.4, 0.5)) -> str:
+    """`gen`: the device's facts (a topology.TpuGeneration or topology.GpuCard)."""
     m = report["memory"]
     hbm = gen.hbm_bytes
+    device = getattr(gen, "label", f"TPU {gen.name}")
+    attention = f", attention {report['attention']}" if "attention" in report else ""
     lines = [
-        f"{report['what']}: batch {report['batch']} on {report['chips']} x TPU {gen.name}, "
-        f"mesh {report['mesh']}, remat {report['remat']}",
+        f"{report['what']}: batch {report['batch']} on {report['chips']} x {device}, "
+        f"mesh {report['mesh']}, remat {report['remat']}{attention}",
         f"  lower {report['lower_s']:.1f} s, compile {report['compile_s']:.1f} s",
         "  per chip: argument " + _gib(m["argument"]) + ", output " + _gib(m["output"])
         + ", temp " + _gib(m["temp"]) + ", alias " + _gib(m["alias"]),
@@ -248,5 +252,5 @@ def format_report(report: Dict[str, Any], gen: TpuGeneration, mfus=(0.3, 0.4, 0.
     return "\n".join(lines)
 
 
-def fits(report: Dict[str, Any], gen: TpuGeneration) -> bool:
+def fits(report: Dict[str, Any], gen) -> bool:
     return report["memory"]["total"] <= gen.hbm_bytes

@@ -16,11 +16,12 @@ RNG keys in the state must be raw uint32 arrays (`jax.random.PRNGKey`), not type
 import base64
 import json
 import logging
-import os
 from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+
+from diffrestorer_jax import paths
 
 _BYTES_TAG = "__bytes_base64__"
 
@@ -55,7 +56,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, save_every: int = 1000, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = paths.path(directory)  # local or a URL (gs://...): Orbax takes both
         self.save_every = max(1, int(save_every))
         # The interval is ours (step % save_every == 0); orbax's own rule also saves the first step seen.
         options = ocp.CheckpointManagerOptions(

@@ -10,7 +10,6 @@ resume_check.py) and ends with a final checkpoint and `<workdir>/export` (EMA of
 + the frozen ones). One run at a time per workdir (workdir_lock.py).
 """
 import logging
-import os
 import time
 from typing import Dict, Optional
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data import degradations, sources
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.export import save_export
@@ -54,11 +54,24 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
     """Train until `config.train.num_steps` (or `max_steps` more steps); 'done' | 'preempted'.
 
     `run`: a `Run` already built for this very config (devices, compiler options), reused with its
-    compiled step and init, e.g. to restart in the same process; `workdir` says where to write.
-    `allow_config_changes`: resume even where the checkpoint's config or frozen weights differ.
+    compiled step and init, e.g. to restart in the same process; `workdir` says where to write
+    (local or a URL such as gs://). `allow_config_changes`: resume even where the checkpoint's
+    config or frozen weights differ. The preemption guard is up before anything else, so a SIGTERM
+    while the run builds, loads data, restores or compiles is honoured at the next check, not fatal.
     """
+    own_guard = guard is None
+    guard = PreemptionGuard() if own_guard else guard
+    try:
+        return _train(config, workdir, devices, compiler_options, max_steps, guard, run, allow_config_changes)
+    finally:
+        if own_guard:
+            guard.close()
+
+
+def _train(config, workdir, devices, compiler_options, max_steps, guard: PreemptionGuard,
+           run: Optional[Run], allow_config_changes: bool) -> str:
     run = Run(config, devices, compiler_options) if run is None else run
-    workdir = os.path.abspath(workdir)
+    workdir = paths.path(workdir)  # gs://... stays a URL (os.path would make it local)
     tcfg = config.train
     # Data first: a data mistake stops the run before anything is written.
     data = sources.make_data(config, run.batch_layout)
@@ -66,8 +79,7 @@ def train(config, workdir: str, devices=None, compiler_options=None, max_steps: 
     note = lock.acquire()
     if note:
         logging.warning(note)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tcfg.checkpoint_every,
-                        tcfg.keep_checkpoints)
+    ckpt = Checkpointer(workdir / "checkpoints", tcfg.checkpoint_every, tcfg.keep_checkpoints)
     run_info = {"frozen_fingerprint": resume_check.fingerprint(run.given)}
     try:
         state, frozen = _resume_or_init(run, config, data, ckpt, run_info, allow_config_changes)
@@ -99,17 +111,23 @@ def _loop(run, config, workdir, data, ckpt, lock, run_info, state, frozen, max_s
     tcfg = config.train
     start = int(jax.device_get(state.step))
     end = int(tcfg.num_steps) if max_steps is None else min(int(tcfg.num_steps), start + max_steps)
-    writer = MetricsWriter(os.path.join(workdir, "tb"), int(tcfg.num_steps), start)
-    run.compile(data.example_batch())
-    # Processes finish compiling at different times; meet before the first collective (see barrier).
-    mesh_lib.barrier(f"train step compiled at {start}")
+    writer = MetricsWriter(workdir / "tb", int(tcfg.num_steps), start)
+    stop = guard.should_stop(start)  # a signal during build, data loading, restore or init
+    if not stop:
+        run.compile(data.example_batch())
+        # Processes finish compiling at different times; meet before the first collective (see barrier).
+        mesh_lib.barrier(f"train step compiled at {start}")
+        stop = guard.should_stop(start)
     sample_lq = None
-    own_guard = guard is None
-    guard = PreemptionGuard() if own_guard else guard
     status, history, t_last, n_last = "done", [], time.time(), 0
     try:
         step = start
-        while step < end:
+        if stop:  # at `start`: nothing trained since the checkpoint (if any), so none is rewritten
+            ckpt.save(step, state, config, data.get_state(), run_info=run_info)
+            ckpt.wait()
+            print(f"preempted: checkpoint saved at step {step}", flush=True)
+            status = "preempted"
+        while status == "done" and step < end:
             state, metrics = run.step(state, frozen, next(data))
             step += 1
             history.append(metrics)
@@ -143,12 +161,10 @@ def _loop(run, config, workdir, data, ckpt, lock, run_info, state, frozen, max_s
             ckpt.save(step, state, config, data.get_state(), run_info=run_info)
             ckpt.wait()
             if step >= int(tcfg.num_steps):
-                save_export(os.path.join(workdir, "export"), run.export_params(state, frozen), config)
-                print(f"exported to {os.path.join(workdir, 'export')}", flush=True)
+                save_export(workdir / "export", run.export_params(state, frozen), config)
+                print(f"exported to {workdir / 'export'}", flush=True)
     finally:
         writer.close()
-        if own_guard:
-            guard.close()
     return status
 
 

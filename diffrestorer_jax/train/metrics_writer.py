@@ -1,13 +1,53 @@
 """Training metrics to TensorBoard event files (tensorboardX) and a console progress bar (tqdm).
 
 Only process 0 writes; other hosts get a no-op writer, so the loop calls it unconditionally.
+The log folder may be a URL (gs://...): event files are then written through etils.epath, like
+every other file of a run (`_UrlRecordWriter`).
 """
+import io
 import logging
 import os
 from typing import Dict, Mapping
 
 import jax
 import numpy as np
+
+from diffrestorer_jax import paths
+
+
+class _UrlRecordWriter:
+    """An event file on an object store: kept in memory, the whole object rewritten at each flush
+    (object stores cannot append; tensorboardX's own gs:// and s3:// writers do the same)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = paths.path(path), io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _UrlWriterFactory:
+    def open(self, path):
+        return _UrlRecordWriter(path)
+
+    def directory_check(self, path):
+        paths.path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(logdir):
+    from tensorboardX import SummaryWriter, record_writer
+    logdir = os.fspath(logdir)
+    if paths.is_url(logdir):  # tensorboardX picks a writer by the scheme before '://'
+        record_writer.register_writer_factory(logdir.split("://")[0], _UrlWriterFactory())
+    else:
+        os.makedirs(logdir, exist_ok=True)
+    return SummaryWriter(logdir)
 
 
 class MetricsWriter:
@@ -16,10 +56,8 @@ class MetricsWriter:
         self._tb = self._bar = None
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
-        os.makedirs(logdir, exist_ok=True)
-        self._tb = SummaryWriter(logdir)
+        self._tb = _summary_writer(logdir)
         self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train",
                          mininterval=1.0)
 

@@ -118,6 +118,13 @@ def nonfinite_streak(opt_state) -> jax.Array:
     return optax.tree_utils.tree_get(opt_state, "notfinite_count")
 
 
+def update_applied(opt_state) -> jax.Array:
+    """Whether the update just computed moves the params: always without gradient accumulation;
+    with it (optax.MultiSteps), only on the last micro-step of each accumulation window."""
+    mini_step = optax.tree_utils.tree_get(opt_state, "mini_step")
+    return jnp.asarray(True) if mini_step is None else mini_step == 0
+
+
 def check_nonfinite_streak(opt_state, limit: int, step: Any = None, what: str = "optimizer") -> None:
     """Raise a readable error when `limit` (> 0) updates in a row were non-finite.
 

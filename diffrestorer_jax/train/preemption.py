@@ -8,12 +8,20 @@ write and exits 0.
 Multi-host runs must agree on the step at which to stop (hosts get the signal at different times and
 a save is a collective). There JAX's own preemption service (started by `jax.distributed.initialize`,
 listening for SIGTERM in C++) picks a common step, read through `orbax multihost.reached_preemption`;
-installing a Python handler there would replace JAX's, so we don't.
+installing a Python handler there would replace JAX's, so we don't. A SIGTERM to any one process
+stops them all: the service tells every process, and each stops at the same check.
+
+The guard is made when the run starts, so a signal during data loading, restore, compilation or
+sampling is not fatal: it is honoured at the next check (`should_stop`), which the loop makes after
+each of those phases and after every step. The service counts checks, not steps: JAX's sync point
+is "one past the furthest check any process made", so the counter must start at 0 with the process
+(a resumed run's first step number would never meet a sync point set before it), and every process
+makes the same sequence of checks.
 """
 import logging
 import signal
 import threading
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 from jax._src import distributed as _distributed
@@ -25,15 +33,16 @@ def _multihost() -> bool:
 
 
 class PreemptionGuard:
-    """`should_stop(step)` becomes True once a preemption notice (SIGTERM by default) arrived.
+    """`should_stop()` becomes True once a preemption notice (SIGTERM by default) arrived.
 
-    Call it once per step, on every host, with the step just completed. Use as a context manager (or
-    call `close()`) to put the previous signal handlers back.
+    Call it at the same points on every host (after each phase of start-up, after each step). Use as
+    a context manager (or call `close()`) to put the previous signal handlers back.
     """
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
         self._event = threading.Event()
         self._previous = {}
+        self._checks = 0  # the multi-host sync counter (see the module doc)
         self._multihost = _multihost()
         if not self._multihost and threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -46,10 +55,12 @@ class PreemptionGuard:
                             signum)
         self._event.set()
 
-    def should_stop(self, step: int) -> bool:
-        """True at the step where every host should save and exit."""
+    def should_stop(self, step: Optional[int] = None) -> bool:
+        """True at the check where every host should save and exit (`step` is for callers' logs)."""
+        del step
         if self._multihost:
-            return bool(multihost.reached_preemption(int(step))) or self._event.is_set()
+            self._checks += 1
+            return bool(multihost.reached_preemption(self._checks)) or self._event.is_set()
         return self._event.is_set()
 
     def close(self) -> None:

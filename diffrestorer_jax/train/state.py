@@ -177,6 +177,8 @@ def apply_gradients(state: TrainState, grads, tx, ema_decay: float, loss) -> Tup
 
     A non-finite loss or gradient is dropped by the optimizer (`optax.apply_if_finite`: params and
     moments untouched) and the EMA is left untouched too; `skipped` and the streak are reported.
+    With gradient accumulation the EMA moves once per optimizer update (the last micro-step of a
+    window), not per micro-step: `ema_decay` means the same whatever `grad_accum_steps` is.
     The step counter always advances (it indexes the data, so a skipped step is not retried).
     """
     import optax
@@ -189,7 +191,8 @@ def apply_gradients(state: TrainState, grads, tx, ema_decay: float, loss) -> Tup
     finite = jnp.isfinite(loss) & optim.last_update_finite(opt_state)
     params = optax.apply_updates(state.params, updates)
     ema = optim.update_ema(state.ema, params, ema_decay)
-    ema = jax.tree.map(lambda new, old: jnp.where(finite, new, old), ema, state.ema)
+    moved = finite & optim.update_applied(opt_state)
+    ema = jax.tree.map(lambda new, old: jnp.where(moved, new, old), ema, state.ema)
     metrics = {"grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32),
                "nonfinite_streak": optim.nonfinite_streak(opt_state).astype(jnp.int32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

@@ -1,5 +1,7 @@
 """AOT compilation for a TPU topology on this CPU host (needs libtpu; skipped without it)."""
 
+import importlib.util
+
 import pytest
 
 pytest.importorskip("libtpu")
@@ -66,3 +68,30 @@ def test_model_flops_count_the_global_work_once():
     assert r["per_image_once"] > 1e6 and r["per_step"] > 1e6
     assert r["total"] == pytest.approx(4 * (r["per_image_once"] + 3 * r["per_step"]))
     assert 1.5 < (two / 2) / r["per_step"] < 5, (two, r)
+
+
+def test_gpu_cards_as_target_configs():
+    """h100x8 / h200x8 name a card of the table and a GPU count; the card renders as XLA's
+    GpuTargetConfigProto text (sm_90, 132 SMs, its memory)."""
+    card, count = topology.gpu_spec("h100x8")
+    assert (card.name, count) == ("h100", 8) and topology.is_gpu("H200x8") and not topology.is_gpu("v5e-8")
+    text = card.target_config()
+    assert "cuda_compute_capability { major: 9 minor: 0 }" in text and "core_count: 132" in text
+    assert f"device_memory_size: {81559 * 2 ** 20}" in text and 'platform_name: "CUDA"' in text
+    assert topology.accelerator("h200x8").hbm_bytes > topology.accelerator("h100x8").hbm_bytes
+    assert topology.accelerator("v5e-256") is topology.GENERATIONS["v5e"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                    reason="needs the CUDA PJRT plugin (pip extra gpu_aot)")
+def test_tiny_stage1_compiles_for_h100x8():
+    c = _mini_tiny()
+    c.model.attention_impl = "xla"
+    c.train.batch_size = 8
+    devices = topology.topology_devices("h100x8")
+    assert len(devices) == 8 and "H100" in devices[0].device_kind
+    r = aot.compile_train_step(c, devices, paired=True, count_model_flops=False, backend="gpu",
+                               compiler_options=topology.GPU_AOT_OPTIONS)
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert 0 < r["memory"]["total"] < topology.accelerator("h100x8").hbm_bytes
+    assert "FITS" in aot.format_report(r, topology.accelerator("h100x8"))

@@ -1,5 +1,8 @@
 """Two local processes x 4 CPU devices (jax.distributed on localhost, gloo collectives) train the
 toy model exactly like one process x 8 devices: same global (2, 4) mesh, same data, same result."""
+import re
+import signal
+
 import numpy as np
 
 import procs
@@ -28,3 +31,38 @@ def test_two_processes_equal_one(tmp_path):
     assert multi.keys() == single.keys() and len(multi) == 8
     for k in multi:
         np.testing.assert_allclose(multi[k], single[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _two(args, tmp_path, tag):
+    envs = procs.distributed_envs(2, 4)
+    return [procs.Worker(WORKER, args, e, str(tmp_path / f"{tag}{i}.log")) for i, e in enumerate(envs)]
+
+
+def _finish(workers):
+    try:
+        codes = [w.wait(300) for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    outs = [w.output() for w in workers]
+    assert codes == [0, 0], [o[-2000:] for o in outs]
+    return [int(re.search(r"^PREEMPTED (\d+)$", o, re.MULTILINE).group(1)) for o in outs]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption service tells process 0, both save the same step
+    and exit 0 — mid-run, and in a resumed run whose signal comes during start-up (restore,
+    compile), before any step. The second needs PreemptionGuard's own check counter: JAX's sync
+    point is one past the furthest check made, which for a signal during start-up is 1, a number
+    a resumed run's steps never meet (the guard used to pass step numbers)."""
+    args = ["--mesh", "2,4,1", "--steps", 200, "--sleep", 0.3, "--workdir", tmp_path / "ckpt"]
+    workers = _two(args, tmp_path, "a")
+    workers[0].wait_for(r"^STEP 3$", 600)
+    workers[1].signal(signal.SIGTERM)
+    first = _finish(workers)
+    assert first[0] == first[1] and 3 <= first[0] < 200, first
+    assert (tmp_path / "ckpt" / str(first[0])).is_dir()
+    workers = _two(args, tmp_path, "b")  # resume; signal process 1 as soon as it has joined
+    workers[1].wait_for(r"^PROCESSES 1 of 2$", 600)
+    workers[1].signal(signal.SIGTERM)
+    assert _finish(workers) == first, [w.output()[-2000:] for w in workers]

@@ -66,14 +66,15 @@ def test_partition_specs_follow_rules_with_fallback(caplog):
     tx = toy_train.make_tx()
     abstract = jax.eval_shape(lambda r: toy_train.init_fn(tx, r), jax.random.PRNGKey(0))
     sharding._LOGGED_FALLBACKS.clear()  # logged once per process: an earlier test may have hit this one
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         sh = sharding.tree_shardings(abstract, mesh, rules_lib.DEFAULT_RULES)
         sharding.tree_shardings(abstract, mesh, rules_lib.DEFAULT_RULES)
     p = sh["params"]
     assert p["conv_1"]["kernel"].spec == P(None, None, "fsdp", "tensor")
     assert p["dense_0"]["kernel"].spec == P("fsdp", "tensor")
     assert p["dense_1"]["kernel"].spec == P("tensor", "fsdp")
-    assert p["conv_0"]["kernel"].spec == P(None, None, None, "tensor")  # 3 input channels: fallback
+    # 3 input channels do not divide fsdp=4: the axis moves to the 16 output channels
+    assert p["conv_0"]["kernel"].spec == P(None, None, None, ("tensor", "fsdp"))
     assert sh["step"].spec == P()
     # Adam moments are sharded like their parameters (memory is split, not just the weights).
     mu = sh["opt_state"].inner_state[1][0].mu
@@ -81,6 +82,21 @@ def test_partition_specs_follow_rules_with_fallback(caplog):
     fallback_logs = [r for r in caplog.records if "does not divide" in r.getMessage()]
     assert len(fallback_logs) >= 1
     assert len({r.getMessage() for r in fallback_logs}) == len(fallback_logs)  # each one only once
+
+
+def test_non_dividing_weights_move_to_another_dim_or_say_they_are_replicated(caplog):
+    """A weight whose rule's dimension the fsdp axis does not divide is split along another of its
+    dimensions that it does divide (SD 1.5's 320/640 channels on 256 chips: the 1280/2560 side);
+    only when none does is it replicated, with a warning that says so."""
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    spec = P(None, None, "fsdp", "tensor")
+    assert sharding.fit_spec(spec, (3, 3, 12, 16), mesh) == P(None, None, None, ("tensor", "fsdp"))
+    assert sharding.fit_spec(P("fsdp", "tensor"), (12, 40), mesh) == P(None, ("tensor", "fsdp"))
+    assert sharding.fit_spec(spec, (3, 3, 16, 12), mesh) == spec  # divides: unchanged
+    sharding._LOGGED_FALLBACKS.clear()
+    with caplog.at_level(logging.WARNING):
+        assert sharding.fit_spec(spec, (3, 3, 12, 20), mesh, "w") == P(None, None, None, "tensor")
+    assert any("replicated over ['fsdp']" in r.getMessage() for r in caplog.records)
 
 
 def test_init_sharded_places_arrays_as_planned(run_2x4):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffrestorer_jax import atomic, export
+from diffrestorer_jax import atomic, export, paths
 from diffrestorer_jax.config_base import load_config_file
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel.sharding import unbox
@@ -89,17 +89,18 @@ def test_export_interrupted_while_writing_reads_as_the_previous_one(tmp_path, mo
     twos = jax.tree.map(lambda a: 2 * a, ones)
     final = str(tmp_path / "export")
     export.save_export(final, ones, cfg)
-    real_open = open
+    path_type = type(paths.path(final))
+    real_write = path_type.write_text
 
-    def dying_open(path, *a, **k):
-        if str(path).endswith(export.CONFIG_FILE) and "w" in (a[0] if a else k.get("mode", "r")):
+    def dying_write(self, *a, **k):  # the process dies as the new export's config is written
+        if self.name == export.CONFIG_FILE:
             raise Killed()
-        return real_open(path, *a, **k)
+        return real_write(self, *a, **k)
 
-    monkeypatch.setattr("builtins.open", dying_open)
+    monkeypatch.setattr(path_type, "write_text", dying_write)
     with pytest.raises(Killed):
         export.save_export(final, twos, cfg)
-    monkeypatch.setattr("builtins.open", real_open)
+    monkeypatch.setattr(path_type, "write_text", real_write)
     _, _, params = export.load_export(final)
     assert float(params["unet"]["conv_in"]["kernel"].ravel()[0]) == 1.0
     assert sorted(os.listdir(tmp_path)) == ["export"]

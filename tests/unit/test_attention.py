@@ -81,15 +81,53 @@ def test_auto_choice_follows_backend_and_length():
     assert attention._choose("auto", short, short) == "xla"
     cross_q, cross_k = jnp.zeros((1, 4096, 1, 8)), jnp.zeros((1, 77, 1, 8))  # 64x64 latent x 77 tokens
     assert attention._choose("auto", cross_q, cross_k) == "blocked"
-    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
-        assert attention._choose("auto", long, long) == "xla"  # lax.map would gather the batch
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):  # under a mesh too: the kernels run per device (shard_map)
+        assert attention._choose("auto", long, long) == "blocked"
     with attention.target_backend("tpu"):  # ahead-of-time compilation for TPU from this CPU host
         assert attention._choose("auto", long, long) == "pallas_tpu"
         assert attention._choose("auto", short, short) == "xla"
-        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
-        with jax.set_mesh(mesh):  # GSPMD would replicate the Pallas call: keep XLA's attention
-            assert attention._choose("auto", long, long) == "xla"
+        with jax.set_mesh(mesh):
+            assert attention._choose("auto", long, long) == "pallas_tpu"
+    with attention.target_backend("gpu"), jax.set_mesh(mesh):
+        assert attention._choose("auto", long.astype(jnp.bfloat16), long) == "cudnn"
     assert attention._choose("xla", long, long) == "xla"
+
+
+def _mesh_sharded(fn, mesh, *arrays):
+    """fn(*arrays) jitted under `mesh` with the training rules, inputs split over the batch axes."""
+    from flax import linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from diffrestorer_jax.parallel.rules import DEFAULT_RULES
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        return jax.jit(fn, in_shardings=rows)(*(jax.device_put(a, rows) for a in arrays))
+
+
+def test_kernels_run_per_device_under_a_mesh():
+    """Under a (data 2, fsdp 2, tensor 2) mesh of fake CPU devices the splash kernel (Pallas
+    interpret mode) and the blocked path run inside shard_map over the batch axes, heads over
+    'tensor': forward and gradient equal XLA's attention on one device, and the compiled program
+    holds a per-device batch (no replicated Pallas call over the global batch)."""
+    from diffrestorer_jax.parallel.mesh import make_mesh
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])  # training's (auto) axes
+    q, k, v = _qkv(4, 128, 77, 2, 32, seed=4)
+    ref = dot_product_attention(q, k, v, scale=0.2, implementation="xla")
+    loss = lambda impl: lambda *a: jnp.sum(jnp.sin(dot_product_attention(*a, scale=0.2, implementation=impl)))
+    ref_grad = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for impl in ("pallas_tpu", "blocked"):
+        ours = _mesh_sharded(lambda *a: dot_product_attention(*a, scale=0.2, implementation=impl), mesh, q, k, v)
+        np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+        grads = _mesh_sharded(jax.grad(loss(impl), argnums=(0, 1, 2)), mesh, q, k, v)
+        for a, r in zip(grads, ref_grad):
+            np.testing.assert_allclose(a, r, atol=5e-5, rtol=1e-4)
+    from flax import linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from diffrestorer_jax.parallel.rules import DEFAULT_RULES
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        text = jax.jit(lambda *a: dot_product_attention(*a, implementation="pallas_tpu"),
+                       in_shardings=NamedSharding(mesh, P(("data", "fsdp")))).lower(q, k, v).as_text()
+    assert "shard_map" in text or "manual" in text.lower(), "the kernel is not inside a shard_map"
 
 
 def test_upcast_keeps_dtype_and_is_float32_accurate():

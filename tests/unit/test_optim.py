@@ -114,3 +114,27 @@ def test_update_ema():
     out = optim.update_ema(ema, {"w": jnp.ones(3, jnp.bfloat16)}, 0.9)
     np.testing.assert_allclose(out["w"], 0.1, rtol=1e-6)
     assert out["w"].dtype == jnp.float32
+
+
+def test_ema_moves_once_per_optimizer_update_under_accumulation():
+    """With grad_accum_steps=2 the EMA stays put on the first micro-step and moves once, by one
+    decay, when the accumulated update is applied (it used to move on every micro-step)."""
+    from diffrestorer_jax.train import state as st
+    params = {"net": _params()}
+    tx = optim.make_optimizer(dict(learning_rate=0.1, grad_accum_steps=2))
+    state = st.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema=jax.tree.map(jnp.zeros_like, params), rng=jax.random.PRNGKey(0))
+    grads = jax.tree.map(jnp.ones_like, params)
+    state1, _ = st.apply_gradients(state, grads, tx, 0.5, jnp.float32(1.0))
+    jax.tree.map(np.testing.assert_array_equal, state1.params, params)  # mid-window: nothing moves
+    jax.tree.map(np.testing.assert_array_equal, state1.ema, state.ema)
+    state2, _ = st.apply_gradients(state1, grads, tx, 0.5, jnp.float32(1.0))
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in
+               zip(jax.tree.leaves(state2.params), jax.tree.leaves(params)))
+    want = jax.tree.map(lambda p: 0.5 * p, state2.params)  # 0.5 * ema(=0) + 0.5 * new params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state2.ema, want)
+    # without accumulation every update moves it
+    tx1 = optim.make_optimizer(dict(learning_rate=0.1))
+    s = state.replace(opt_state=tx1.init(params))
+    s1, _ = st.apply_gradients(s, grads, tx1, 0.5, jnp.float32(1.0))
+    assert float(jnp.abs(s1.ema["net"]["b"]).max()) > 0

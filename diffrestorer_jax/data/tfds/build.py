@@ -14,6 +14,7 @@ from typing import Sequence, Tuple
 
 import tensorflow_datasets as tfds
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data.tfds import common, store
 from diffrestorer_jax.data.tfds.hq_folder import HqFolder
 from diffrestorer_jax.data.tfds.paired import Paired
@@ -79,8 +80,8 @@ def load_source(out_dir: str, kind: str, split: str = "train"):
     if kind not in BUILDERS:
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(BUILDERS)} "
                          "(built with diffrestorer-build-dataset)")
-    where = os.path.join(out_dir, kind)
-    if not os.path.isdir(where):
+    where = paths.path(out_dir) / kind  # local or gs://... (TFDS reads both)
+    if not where.is_dir():
         raise FileNotFoundError(f"no built {kind!r} dataset in {out_dir!r} ({where} does not exist); "
                                 f"build it with: {build_command(kind, out_dir, split)}")
     try:

