@@ -69,8 +69,10 @@ class Worker:
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
+        """The log so far, with progress bars' carriage returns read as line breaks (as a terminal
+        shows them), so `^...` patterns with re.MULTILINE match lines printed after a bar update."""
         with open(self.log_path) as f:
-            return f.read()
+            return f.read().replace("\r", "\n")
 
     def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
         """Block until a line matching `pattern` is printed; fail with the log if it dies or times out."""

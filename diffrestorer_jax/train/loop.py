@@ -140,7 +140,7 @@ def _loop(run, config, workdir, data, ckpt, lock, run_info, state, frozen, max_s
                 values.update(step_time=dt / max(n, 1), images_per_s=n * int(tcfg.batch_size) / max(dt, 1e-9))
                 t_last, n_last = time.time(), step - start
                 writer.scalars(step, values)
-                print(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()), flush=True)
+                writer.print(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
                 lock.refresh()
                 optim.check_nonfinite_streak(state.opt_state, int(tcfg.max_consecutive_skips), step)
                 if state.disc_opt_state is not None:

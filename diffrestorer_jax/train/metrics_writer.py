@@ -81,6 +81,14 @@ class MetricsWriter:
             self._tb.add_image(f"samples/{name}", row, step, dataformats="HWC")
         self._tb.flush()
 
+    def print(self, line: str) -> None:
+        """Print a line of the run's log above the progress bar (a bare print() would land in the
+        middle of the bar's line: "train: 40%|████ | 4/10 [...]step 4 loss=...")."""
+        if self.enabled:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
     def advance(self, n: int = 1) -> None:
         if self.enabled:
             self._bar.update(n)

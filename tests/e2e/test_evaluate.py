@@ -127,7 +127,7 @@ def test_fid_per_type_from_inception_weights(ckpt, paired, tmp_path, capsys, mon
         return match[0]
     sets = {}
     for t, folder in (("noise", "noisy"), ("low_light", "low-light")):
-        restored = np.concatenate([features_of(read_image(out / "images" / t / f"{i}.png")) for i in range(2)])
+        restored = np.concatenate([features_of(read_image(out / "images" / folder / "LQ" / f"{i}.png")) for i in range(2)])
         gt = np.concatenate([features_of(read_image(paired / folder / "GT" / f"{i}.png")) for i in range(2)])
         sets[t] = restored, gt
         assert result["per_type"][t] == pytest.approx(fid.fid_from_features(restored, gt), rel=1e-6, abs=1e-9)
