@@ -5,8 +5,9 @@ memory and FLOPs.
         [--what train|restore] [--num_slices 2] [--restore_steps 2] [--config.x=y ...]
 
 Needs `libtpu` (pip install -e .[tpu_aot]) but no TPU. `--what train` compiles the config's stage
-step, `--what restore` the whole restore program (CLIP, prompts, the sampler's lax.scan over
-`--restore_steps` denoising steps, decoder). The printout gives per chip: argument / output / temp /
+step, `--what restore` the restore CLI's whole program (CLIP, prompts, the sampler's lax.scan over
+`--restore_steps` denoising steps, decoder; `--restore_dtype`, `--restore_weights`,
+`--restore_exact` as the CLI's --dtype, --weights, --exact). The printout gives per chip: argument / output / temp /
 total bytes against the chip's HBM, XLA's FLOPs beside our model FLOP count, the step time implied at
 a few MFUs, and the compile time. Exit status 1 if it does not fit.
 """
@@ -26,6 +27,12 @@ _WHAT = flags.DEFINE_enum("what", "train", ["train", "restore", "stage1", "stage
                           "config.stage), or restore")
 _STEPS = flags.DEFINE_integer("restore_steps", 2, "denoising steps compiled into restore (memory "
                               "per step does not depend on it; the report also gives FLOPs at 50)")
+_RESTORE_DTYPE = flags.DEFINE_enum("restore_dtype", "bfloat16", ["bfloat16", "float32"],
+                                   "restore: weights and compute dtype (the CLI's default on TPU: bfloat16)")
+_RESTORE_WEIGHTS = flags.DEFINE_enum("restore_weights", "replicated", ["replicated", "sharded"],
+                                     "restore: weights replicated on every chip or sharded over them")
+_RESTORE_EXACT = flags.DEFINE_bool("restore_exact", False, "restore: images one at a time per chip "
+                                   "(the CLI's --exact) instead of as one batch")
 _PAIRED = flags.DEFINE_bool("paired", False, "train step with paired LQ in the batch (no on-device "
                             "degradation: most of the HLO and compile time, little memory/FLOPs)")
 _EFFORT = flags.DEFINE_float("effort", None, "XLA exec_time_optimization_effort in [-1, 1] (-1: faster "
@@ -53,7 +60,10 @@ def main(argv) -> int:
     mfus = tuple(float(u) for u in _MFU.value)
     if _WHAT.value == "restore":
         batch = _BATCH.value or int(config.train.batch_size)
-        report = aot.compile_restore(config, devices, batch, _STEPS.value)
+        opts = None if _EFFORT.value is None else {"exec_time_optimization_effort": _EFFORT.value}
+        report = aot.compile_restore(config, devices, batch, _STEPS.value, dtype=_RESTORE_DTYPE.value,
+                                     weights=_RESTORE_WEIGHTS.value, exact=_RESTORE_EXACT.value,
+                                     compiler_options=opts)
     else:
         opts = None if _EFFORT.value is None else {"exec_time_optimization_effort": _EFFORT.value}
         report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts)
