@@ -22,26 +22,20 @@ Ours: warmed up (compiled before timing), `block_until_ready`. Theirs: `torch.no
 import argparse
 import os
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host  # noqa: E402
 
 # Our attention implementation: 'auto' (what users get: on CPU the blocked flash-style path where one
 # head's scores outgrow the cache, XLA's below) or 'xla' (the reference everywhere); --attention sets it.
 ATTENTION = "auto"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("unet", "control_unet", "vae_decode", "clip", "train")
-
-
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} logical cores"
 
 
 def interleaved(fns, reps: int):
@@ -354,7 +348,7 @@ def main():
 
     from diffrestorer_jax import xla_cpu
     xla_cpu.set_cpu_defaults()  # the XLA CPU setting the commands run with (xla_cpu.py)
-    print(f"machine: {machine()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
+    print(f"{host.stamp()}; {host.load()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}); torch {torch.__version__}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = []
@@ -379,7 +373,8 @@ def main():
                 print(f"| {size} | {part} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.2f}x | "
                       f"({time.time() - t0:.0f} s incl. build/compile)", flush=True)
     how = "interleaved runs" if args.side == "both" else f"runs of {args.side} alone (--side)"
-    print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} {how}")
+    print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} {how}; "
+          f"{host.stamp()}; {host.load()} at the end")
     print("| config | part | ours ms | PyTorch ms | ours / PyTorch |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f}x |")
