@@ -46,3 +46,13 @@ def commit() -> str:
 def stamp() -> str:
     """date, commit, CPU: the three things every RESULTS.md row states."""
     return f"{datetime.date.today().isoformat()}, commit {commit()}, {cpu()}"
+
+
+def pin(threads):
+    """Run this process on the first `threads` CPUs (None: leave it). Call before JAX starts: XLA
+    sizes its CPU thread pool from the CPUs the process may use. Give PyTorch the same count with
+    torch.set_num_threads. On a host loaded by other jobs, 1 thread on each side keeps PyTorch's
+    spinning OpenMP pool from collapsing (with 2 threads there it ran 20-50x slower), so ratios mean
+    something."""
+    if threads:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))

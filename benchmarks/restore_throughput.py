@@ -133,8 +133,12 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--threads", type=int, help="pin this process to the first N CPUs and give PyTorch N "
+                    "threads (XLA sizes its pool from the CPUs it may use): on a host loaded by other jobs, "
+                    "1 keeps PyTorch's spinning thread pool from collapsing, so the two sides compare")
     ap.add_argument("--out", help="append the result (JSON) to this file")
     args = ap.parse_args()
+    host.pin(args.threads)
     sides = args.sides.split(",")
     if any(s not in SIDES for s in sides):
         ap.error(f"--sides: choose from {SIDES}")
@@ -143,8 +147,11 @@ def main():
     xla_cpu.set_cpu_defaults()  # before JAX starts: what the commands run with
     import jax
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = get_config(args.size)
-    print(f"{host.stamp()}; {host.load()}; jax {jax.__version__}, torch {torch.__version__} "
+    stamp = host.stamp()  # now: the code being measured
+    print(f"{stamp}; {host.load()}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     fns, build = {}, {}
     for side in sides:
@@ -159,15 +166,16 @@ def main():
             t = time.perf_counter()
             fns[s]()
             times[s].append(time.perf_counter() - t)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": host.stamp(), "load_after": host.load(),
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": stamp, "load_after": host.load(),
+              "threads": args.threads or os.cpu_count(),
               "size": args.size, "image": args.image, "batch": args.batch, "steps": args.steps,
               "reps": args.reps, "median_s": {s: statistics.median(v) for s, v in times.items()},
               "all_s": times, "warmup_s": build}
     ips = {s: args.batch / v for s, v in result["median_s"].items()}
     result["images_per_s"] = ips
     print(json.dumps(result), flush=True)
-    print(f"{args.size}, {args.image}^2, batch {args.batch}, {args.steps} DDIM steps, median of {args.reps} "
-          f"interleaved: " + ", ".join(f"{s} {ips[s]:.3f} images/s" for s in sides))
+    print(f"{args.size}, {args.image}^2, batch {args.batch}, {args.steps} DDIM steps, {result['threads']} "
+          f"thread(s), median of {args.reps} interleaved: " + ", ".join(f"{s} {ips[s]:.3f} images/s" for s in sides))
     if "theirs" in ips:
         for s in sides:
             if s != "theirs":
