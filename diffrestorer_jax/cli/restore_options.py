@@ -67,7 +67,8 @@ def timing_line(restorer, start: float, cache) -> str:
     where = f"{clock.cache_hits} loaded from the cache {cache}" if cache else "the compilation cache is off"
     first = ("" if restorer.first_result_at is None
              else f"; first image {restorer.first_result_at - start:.1f} s after start")
-    return (f"time: compiling {clock.seconds:.1f} s ({clock.programs} program(s), {where}), restoring "
+    return (f"time: compiling {clock.seconds:.1f} s (tracing and lowering {clock.seconds - clock.backend_seconds:.1f} s, "
+            f"XLA {clock.backend_seconds:.1f} s: {clock.programs} program(s), {where}), restoring "
             f"{restorer.run_seconds - clock.seconds:.1f} s{first}")
 
 

@@ -234,7 +234,7 @@ def test_second_run_loads_programs_from_the_compilation_cache(ckpt, photos, tmp_
         assert proc.returncode == 0, proc.stderr
         lines.append(next(line for line in proc.stderr.splitlines() if line.startswith("time: compiling")))
     assert any(cache.iterdir())
-    first, second = (re.search(r"\((\d+) program\(s\), (\d+) loaded from the cache", line).groups() for line in lines)
+    first, second = (re.search(r" (\d+) program\(s\), (\d+) loaded from the cache", line).groups() for line in lines)
     assert int(first[0]) >= 1 and first[1] == "0", lines
     assert int(second[0]) >= 1 and second[1] == second[0], lines
     assert "first image" in lines[1]
