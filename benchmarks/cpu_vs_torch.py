@@ -18,15 +18,21 @@ Parts:
                 time one side per process with --side ours, then --side theirs; sequential, not
                 interleaved, so compare them only on an otherwise idle machine).
 Ours: warmed up (compiled before timing), `block_until_ready`. Theirs: `torch.no_grad()`, eval().
+Short calls are timed in blocks of back-to-back calls of >= 50 ms (`interleaved`; --no_blocks times
+each alone). --threads N pins both sides to N CPUs (on a host loaded by other jobs, use 1).
 """
 import argparse
+import math
 import os
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host  # noqa: E402
 
 # Our attention implementation: 'auto' (what users get: on CPU the blocked flash-style path where one
 # head's scores outgrow the cache, XLA's below) or 'xla' (the reference everywhere); --attention sets it.
@@ -35,25 +41,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("unet", "control_unet", "vae_decode", "clip", "train")
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} logical cores"
+# Short calls are timed in blocks of back-to-back calls lasting at least this long.
+BLOCK_S = 0.05
 
 
-def interleaved(fns, reps: int):
-    """fns: {name: callable}; each is called once to warm up, then reps times in turn. Medians (s)."""
-    for f in fns.values():
+def interleaved(fns, reps: int, blocks: bool = True):
+    """fns: {name: callable}; each is called twice to warm up, then reps times in turn. Medians (s).
+
+    With `blocks`, a side whose call is short is timed as a block of back-to-back calls lasting at
+    least BLOCK_S (the time per call: the block's over its count), so the figure is the steady cost
+    of a call in a loop. A single short JAX call right after a PyTorch one pays the hand-over between
+    the libraries' threads (JAX runs a computation on its own worker threads, PyTorch on the calling
+    one; on the loaded 2-core host that cost 2-5 ms, in either direction), which is no measure of
+    either's kernels: it was the whole difference for the tiny CLIP (0.6 ms of work).
+    """
+    calls = {}
+    for k, f in fns.items():
+        f()  # compiles ours
+        t = time.perf_counter()
         f()
+        calls[k] = max(1, math.ceil(BLOCK_S / max(time.perf_counter() - t, 1e-6))) if blocks else 1
     times = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+            for _ in range(calls[k]):
+                f()
+            times[k].append((time.perf_counter() - t) / calls[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -346,15 +360,21 @@ def main():
     ap.add_argument("--attention", default="auto", help="our attention implementation: auto | xla")
     ap.add_argument("--side", default="both", choices=("both", "ours", "theirs"),
                     help="train part only: time one side in this process (when both do not fit in memory)")
+    ap.add_argument("--threads", type=int, help="pin to the first N CPUs, PyTorch N threads (host.pin)")
+    ap.add_argument("--no_blocks", action="store_true", help="time every call alone, short ones too (see "
+                    "interleaved: the hand-over between the libraries' threads is then included)")
     args = ap.parse_args()
+    host.pin(args.threads)
     global ATTENTION
     ATTENTION = args.attention
     import jax
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from diffrestorer_jax import xla_cpu
     xla_cpu.set_cpu_defaults()  # the XLA CPU setting the commands run with (xla_cpu.py)
-    print(f"machine: {machine()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
+    print(f"{host.stamp()}; {host.load()}; attention {ATTENTION}; torch threads {torch.get_num_threads()}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}); torch {torch.__version__}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = []
@@ -372,14 +392,15 @@ def main():
                     fns = {args.side: getattr(TrainPair(b), args.side)()}
                 else:
                     ap.error("--side ours/theirs applies to the train part only")
-                med = interleaved(fns, args.reps)
+                med = interleaved(fns, args.reps, blocks=not args.no_blocks)
                 ms = {k: med[k] * 1e3 if k in med else float("nan") for k in ("ours", "theirs")}
                 row = (size, part, ms["ours"], ms["theirs"], ms["ours"] / ms["theirs"])
                 rows.append(row)
                 print(f"| {size} | {part} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.2f}x | "
                       f"({time.time() - t0:.0f} s incl. build/compile)", flush=True)
     how = "interleaved runs" if args.side == "both" else f"runs of {args.side} alone (--side)"
-    print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} {how}")
+    print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} {how}; "
+          f"{host.stamp()}; {host.load()} at the end")
     print("| config | part | ours ms | PyTorch ms | ours / PyTorch |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.2f}x |")

@@ -11,10 +11,11 @@
    graph in PyTorch (benchmarks/cpu_vs_torch.TrainPair) under torch.autocast(bfloat16).
    images/s, and MFU = model FLOPs (XLA's HLO count of the step without remat, see tools/aot.py)
    / time / the card's peak dense bf16 FLOP/s.
-3. Restore at 512^2 with `--steps` DDIM steps: ours = infer/pipeline.restore; theirs = CLIP + the
-   prompt MLPs + a diffusers DDIM loop over ControlNet + UNet + the VAE decoder (the plain VAE decoder:
-   our degradation-aware decoder has extra RDB fusion, so ours does slightly more work). Both sides
-   batched: ours with `batch_mode='vmap'` (the CLI's default 'map' runs images one by one). images/s.
+3. Restore at 512^2 with `--steps` DDIM steps: ours = the restore CLI's own program
+   (`Restorer.restore_batch`, its defaults on a GPU: batched rows, bfloat16 weights and compute,
+   host -> device -> host included); theirs = CLIP + the prompt MLPs + a diffusers DDIM loop over
+   ControlNet + UNet + the VAE decoder (the plain VAE decoder: our degradation-aware decoder has extra
+   RDB fusion, so ours does slightly more work), bfloat16. images/s.
 Weights are random (timing does not depend on them); ours are drawn on the host by default
 (`--init host`: a jitted random init takes minutes to compile at SD 1.5 size). benchmarks/gpu.sh runs each side of each
 figure in its own process (`--part`), so neither framework's memory pool squeezes the other, and a
@@ -213,10 +214,9 @@ def bench_train_torch(args):
 
 def bench_restore_ours(args):
     import jax
-    from diffrestorer_jax.infer.pipeline import RestoreSettings, restore
+    from diffrestorer_jax.infer.restorer import Options, Restorer
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.parallel import sharding
-    from diffrestorer_jax.diffusion.schedules import from_config
     fast_threefry_compile()
     c = config_for(args.smoke, args.restore_batch)
     nets = dr.build_networks(c.model)
@@ -228,16 +228,19 @@ def bench_restore_ours(args):
     else:
         params = sharding.unbox(jax.jit(init)(jax.random.PRNGKey(0)))
     jax.block_until_ready(params)
-    print(f"restore_ours: initialised in {time.perf_counter() - t0:.0f}s", flush=True)
-    lq = jax.numpy.asarray(np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32))
-    settings = RestoreSettings(steps=args.steps, batch_mode="vmap")
-    sched = from_config(c.diffusion)
+    # The CLI's defaults on this device (dtype, weights placement, batched), one device.
+    restorer = Restorer(c, nets, params, Options(steps=args.steps, sampler="ddim", batch_size=args.restore_batch,
+                                                 num_devices=1, color_fix="none", tile=0))
+    print(f"restore_ours: initialised in {time.perf_counter() - t0:.0f}s; {restorer.placement_note()}", flush=True)
+    lq = np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32)
+    ids = np.arange(args.restore_batch)
 
     def ours():
-        jax.block_until_ready(restore(nets, params, lq, jax.random.PRNGKey(0), sched, settings)["image"])
+        restorer.restore_batch(lq, ids)
     t = timed(ours, max(1, args.reps // 3))
     record(args, part="restore_ours", device=device_name("jax"), batch=args.restore_batch, steps=args.steps,
-           batch_s=t, images_per_s=args.restore_batch / t)
+           batch_s=t, images_per_s=args.restore_batch / t, dtype=restorer.dtype, weights=restorer.weights,
+           compile_s=restorer.clock.seconds)
 
 
 def bench_restore_torch(args):

@@ -95,22 +95,21 @@ def abstract_params(nets: dr.Networks, image_size: int):
 
 
 def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rules=None,
-                names=None) -> Tuple[ml_collections.ConfigDict, dr.Networks, Dict[str, Any]]:
+                names=None, device=None) -> Tuple[ml_collections.ConfigDict, dr.Networks, Dict[str, Any]]:
     """(config, nets, params) of an export. Arrays land on `shardings` (a tree like params), or
-    are sharded by the logical rules over `mesh`, or go to the first local device.
-    `names` selects which networks are returned (default: all six)."""
+    are sharded by the logical rules over `mesh`, or go to `device` (default: the first local
+    device). `names` selects which networks are returned (default: all six)."""
     config = load_config(directory)
     nets = dr.build_networks(config.model)
     names = tuple(names or dr.NETWORKS)
     boxed = abstract_params(nets, int(config.image_size))
+    one = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     if shardings is None:
         if mesh is not None:
             shardings = sharding.tree_shardings(boxed, mesh, rules or sharding.DEFAULT_RULES)
         else:
-            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: one, sharding.unbox(boxed))
     else:
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = {n: shardings[n] if n in shardings else jax.tree.map(lambda _: one, sharding.unbox(boxed[n]))
                      for n in dr.NETWORKS}
     target = sharding.abstract_with_shardings(boxed, shardings)

@@ -12,6 +12,9 @@ from diffrestorer_jax import xla_cpu
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The commands turn JAX's persistent compilation cache on by default; tests that call them in this
+# process must not write into the user's cache (tests of the cache give their own folder).
+os.environ.setdefault("DIFFRESTORER_COMPILE_CACHE", "off")
 xla_cpu.set_cpu_defaults()
 
 import jax  # noqa: E402

@@ -7,9 +7,11 @@ host, and report memory and FLOPs.
 
 TPU topologies need `libtpu` (pip install -e .[tpu_aot]) but no TPU; h100x8 / h200x8 need the
 CUDA PJRT plugin (pip install -e .[gpu_aot], best in an environment of its own) but no GPU, and
-compile attention with XLA's implementation (cuDNN's needs a GPU to build its kernels). `--what train` compiles the config's stage
-step, `--what restore` the whole restore program (CLIP, prompts, the sampler's lax.scan over
-`--restore_steps` denoising steps, decoder). The printout gives per chip: argument / output / temp /
+compile attention with XLA's implementation (cuDNN's needs a GPU to build its kernels). `--what
+train` compiles the config's stage step, `--what restore` the restore CLI's whole program (CLIP,
+prompts, the sampler's lax.scan over `--restore_steps` denoising steps, decoder; `--restore_dtype`,
+`--restore_weights`, `--restore_exact` as the CLI's --dtype, --weights, --exact). The printout gives
+per chip: argument / output / temp /
 total bytes against the chip's HBM, XLA's FLOPs beside our model FLOP count, the step time implied at
 a few MFUs, and the compile time. Exit status 1 if it does not fit.
 """
@@ -30,6 +32,12 @@ _WHAT = flags.DEFINE_enum("what", "train", ["train", "restore", "stage1", "stage
                           "config.stage), or restore")
 _STEPS = flags.DEFINE_integer("restore_steps", 2, "denoising steps compiled into restore (memory "
                               "per step does not depend on it; the report also gives FLOPs at 50)")
+_RESTORE_DTYPE = flags.DEFINE_enum("restore_dtype", "bfloat16", ["bfloat16", "float32"],
+                                   "restore: weights and compute dtype (the CLI's default on TPU: bfloat16)")
+_RESTORE_WEIGHTS = flags.DEFINE_enum("restore_weights", "replicated", ["replicated", "sharded"],
+                                     "restore: weights replicated on every chip or sharded over them")
+_RESTORE_EXACT = flags.DEFINE_bool("restore_exact", False, "restore: images one at a time per chip "
+                                   "(the CLI's --exact) instead of as one batch")
 _PAIRED = flags.DEFINE_bool("paired", False, "train step with paired LQ in the batch (no on-device "
                             "degradation: most of the HLO and compile time, little memory/FLOPs)")
 _EFFORT = flags.DEFINE_float("effort", None, "XLA exec_time_optimization_effort in [-1, 1] (-1: faster "
@@ -60,16 +68,18 @@ def main(argv) -> int:
         print("attention: XLA's (cuDNN's fused kernel cannot be built without a GPU)", flush=True)
         config.model.attention_impl = "xla"
     mfus = tuple(float(u) for u in _MFU.value)
+    opts = dict(topology.GPU_AOT_OPTIONS) if gpu else {}
+    if _EFFORT.value is not None:
+        opts["exec_time_optimization_effort"] = _EFFORT.value
+    opts, backend = opts or None, "gpu" if gpu else "tpu"
     if _WHAT.value == "restore":
         batch = _BATCH.value or int(config.train.batch_size)
-        report = aot.compile_restore(config, devices, batch, _STEPS.value)
+        report = aot.compile_restore(config, devices, batch, _STEPS.value, dtype=_RESTORE_DTYPE.value,
+                                     weights=_RESTORE_WEIGHTS.value, exact=_RESTORE_EXACT.value,
+                                     compiler_options=opts, backend=backend)
     else:
-        opts = dict(topology.GPU_AOT_OPTIONS) if gpu else {}
-        if _EFFORT.value is not None:
-            opts["exec_time_optimization_effort"] = _EFFORT.value
-        opts = opts or None
         report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts,
-                                        backend="gpu" if gpu else "tpu")
+                                        backend=backend)
     print(aot.format_report(report, gen, mfus))
     return 0 if aot.fits(report, gen) else 1
 

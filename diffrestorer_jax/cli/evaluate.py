@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         print("error: LPIPS needs both --lpips-vgg and --lpips-lin", file=sys.stderr)
         return 2
     try:
+        restore_options.enable_compile_cache(args)
         overrides = restore_options.parse_overrides(rest)
         kind, entries, problems = ev.load_pairs(args.data, args.split, args.max_per_type)
         for path, reason in problems:

@@ -14,6 +14,7 @@ files (diffrestorer_jax/infer/restorer.py). On several hosts, run the same comma
 import argparse
 import os
 import sys
+import time
 
 from diffrestorer_jax.cli import restore_options, startup
 
@@ -26,11 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="redo existing outputs")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-pixels", type=int, default=restore_options.DEFAULT_MAX_PIXELS,
+                   help="refuse an input file with more pixels than this (read from its header, before "
+                        f"decoding; the file is named as failed and the rest go on; default "
+                        f"{restore_options.DEFAULT_MAX_PIXELS} = 8192^2)")
     restore_options.add_options(p)
     return p
 
 
 def main(argv=None) -> int:
+    start = time.perf_counter()
     args, rest = build_parser().parse_known_args(argv)
     startup.prepare_process()
     startup.quiet_console()
@@ -39,11 +45,13 @@ def main(argv=None) -> int:
     from diffrestorer_jax.infer import files
     from diffrestorer_jax.infer.restorer import Restorer, RestoreError
     try:
+        cache = restore_options.enable_compile_cache(args)
         overrides = restore_options.parse_overrides(rest)
         options = restore_options.options_from_args(args)
         inputs = files.find_inputs(args.input)
         files.check_output_folder(inputs, args.output)  # before the (slow) model load
         restorer = Restorer.from_export(args.checkpoint, options, overrides)
+        print(f"restoring with {restorer.placement_note()}", file=sys.stderr, flush=True)
         summary = files.restore_files(
             restorer, inputs, args.output, overwrite=args.overwrite, progress=not args.no_progress,
             extra={"command": ["diffrestorer-restore"] + list(sys.argv[1:] if argv is None else argv),
@@ -53,6 +61,7 @@ def main(argv=None) -> int:
         return 2
     print(f"{len(summary.written)} restored, {len(summary.skipped)} already there, "
           f"{len(summary.failed)} failed -> {os.path.abspath(args.output)}", file=sys.stderr)
+    print(restore_options.timing_line(restorer, start, cache), file=sys.stderr)
     for path, reason in summary.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
     return 1 if summary.failed else 0

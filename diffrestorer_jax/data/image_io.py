@@ -6,7 +6,8 @@ Documented behaviour for odd inputs (each has a test in tests/unit/test_image_io
   - alpha (RGBA, LA, PA, palette with transparency) is composited on white: transparent pixels of
     scans and logos are "paper", and black would invent dark structure that is not there;
   - palette, CMYK, YCbCr, LAB, HSV are converted to RGB by Pillow;
-  - more pixels than Pillow's `Image.MAX_IMAGE_PIXELS` (a decompression bomb guard) is refused;
+  - more pixels than `max_pixels` (default: Pillow's `Image.MAX_IMAGE_PIXELS`, a decompression
+    bomb guard) is refused from the file's header, before anything is decoded;
   - missing, zero-byte, non-image, truncated or corrupt files raise `ImageReadError`, which names
     the file and the reason; no other exception type escapes;
   - special files (a FIFO or device named like an image) are refused before they are opened;
@@ -49,10 +50,12 @@ class ImageReadError(ValueError):
 
 
 def _check_size(im: Image.Image, name: str, max_pixels: Optional[int]) -> None:
+    """Refuse from the header (Pillow has read only the size so far)."""
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if limit and im.width * im.height > limit:
+        why = " (possible decompression bomb)" if max_pixels is None else ""
         raise ImageReadError(name, f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the "
-                                   f"limit of {limit} (possible decompression bomb)")
+                                   f"limit of {limit}{why}")
 
 
 def _to_float_rgb(im: Image.Image) -> np.ndarray:
@@ -74,9 +77,12 @@ def _to_float_rgb(im: Image.Image) -> np.ndarray:
 
 
 def _decode(source, name: str, max_pixels: Optional[int]) -> np.ndarray:
+    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if max_pixels:  # our header check replaces Pillow's guard, whose message would be less clear
+                Image.MAX_IMAGE_PIXELS = None
             with Image.open(source) as im:
                 _check_size(im, name, max_pixels)
                 im.load()
@@ -97,6 +103,8 @@ def _decode(source, name: str, max_pixels: Optional[int]) -> np.ndarray:
         if "truncated" in reason:
             reason = f"truncated file ({reason})"
         raise ImageReadError(name, f"corrupt or unreadable image data: {reason}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def read_image(path: PathLike, max_pixels: Optional[int] = None) -> np.ndarray:

@@ -9,7 +9,9 @@ do in diffusers.
 guidance it is called once on concat([x_t, x_t]) and returns [unconditional; conditional] outputs;
 out = uncond + s * (cond - uncond) with `s` traced. `sampler`, `num_steps`, `strength`,
 `timestep_spacing` and `steps_offset` are static (they fix the scan); everything else is traced.
-Step i's noise is normal(fold_in(key, i)). With `start_latent` and `strength` < 1 (img2img, as
+Step i's noise is normal(fold_in(key, i)); with `per_row_keys`, row b's is normal(fold_in(key[b], i)),
+the very numbers a batch of that row alone draws with key[b], so a row's sample does not depend on
+the rows beside it. With `start_latent` and `strength` < 1 (img2img, as
 diffusers' pipeline) the first steps are skipped and sampling starts from start_latent noised to the
 first remaining timestep.
 """
@@ -210,13 +212,18 @@ def _is_zero(value) -> bool:
     return isinstance(value, (int, float)) and value == 0
 
 
-def _scan_ddpm_ddim(net, x, key, schedule, sampler, ts, prevs, idx, eta):
+def _scan_ddpm_ddim(net, x, key, schedule, sampler, ts, prevs, idx, eta, per_row_keys):
     stochastic = sampler == "ddpm" or not _is_zero(eta)
+
+    def noise_at(i, shape):
+        if per_row_keys:
+            return jax.vmap(lambda k: step_noise(k, i, shape[1:]))(key)
+        return step_noise(key, i, shape)
 
     def body(x, step):
         i, t, t_prev = step
         out = net(x, t)
-        noise = step_noise(key, i, x.shape) if stochastic else None
+        noise = noise_at(i, x.shape) if stochastic else None
         if sampler == "ddpm":
             return ddpm_step(schedule, out, x, t, t_prev, noise), None
         return ddim_step(schedule, out, x, t, t_prev, jnp.asarray(eta, jnp.float32), noise), None
@@ -252,11 +259,12 @@ def _noised_start(sampler, schedule, start_latent, noise, t, sigma):
 
 def sample(model_fn, x_T, key, schedule: Schedule, *, sampler: str, num_steps: int, eta=0.0,
            guidance_scale=None, start_latent=None, strength: float = 1.0,
-           timestep_spacing: str | None = None, steps_offset: int = 1):
+           timestep_spacing: str | None = None, steps_offset: int = 1, per_row_keys: bool = False):
     """Run a whole sampler in one lax.scan and return the final latent x_0 (float32).
 
     x_T is the initial noise (init_noise_sigma is 1 for all three samplers); with start_latent it
-    is the noise that img2img adds to start_latent instead. eta only affects DDIM.
+    is the noise that img2img adds to start_latent instead. eta only affects DDIM. `key` is one key,
+    or with `per_row_keys` one per row of x_T (see the module docstring).
     """
     ts = timesteps_for(sampler, schedule, num_steps, timestep_spacing, steps_offset)
     if start_latent is None and strength != 1.0:
@@ -271,4 +279,4 @@ def sample(model_fn, x_T, key, schedule: Schedule, *, sampler: str, num_steps: i
     if sampler == "dpmpp_2m":
         return _scan_dpm(net, x, schedule, sigmas, ts[i0:], idx)
     prevs = prev_timesteps_for(sampler, schedule, ts)
-    return _scan_ddpm_ddim(net, x, key, schedule, sampler, ts[i0:], prevs[i0:], idx, eta)
+    return _scan_ddpm_ddim(net, x, key, schedule, sampler, ts[i0:], prevs[i0:], idx, eta, per_row_keys)

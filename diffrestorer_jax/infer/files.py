@@ -34,7 +34,7 @@ from diffrestorer_jax.infer.restorer import Restorer, RestoreError, path_image_i
 
 # Sidecar fields that decide an output's pixels (batch size and device count do not: restorer.py).
 DECIDING = ("seed", "settings", "knobs", "color_fix", "latent_tile", "tile_overlap", "checkpoint",
-            "checkpoint_id")
+            "checkpoint_id", "dtype")
 
 
 @dataclasses.dataclass
@@ -198,7 +198,7 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
     def items():
         for f in todo:
             try:
-                image = read_image(f)
+                image = read_image(f, max_pixels=restorer.options.max_pixels)
             except ImageReadError as e:
                 fail(f, e.reason)
                 continue

@@ -5,16 +5,26 @@
 Static (they shape the compiled program; change them and it recompiles): the networks, the input
 shape, and `RestoreSettings`. Traced (change them freely): the key, image ids, and `Knobs`.
 
-Every image draws its noise from fold_in(key, image_id). With `batch_mode='map'` (the default) images
-go through the networks one at a time (`lax.map`), each running the same batch-1 program wherever it
-sits in a batch, so its output is identical bit for bit; 'vmap' batches them (faster on
-accelerators, equal to ~1e-6). With `settings.tile` (latent pixels) every denoising step evaluates
-the latent tiles and blends them with Gaussian weights (float32), and the decoder runs tile by tile;
-the noise is drawn for the whole latent first, so the tile order does not matter.
+Every image draws its noise from fold_in(key, image_id) (its starting noise, and the noise of
+stochastic sampler steps), so its result does not depend on which images are beside it.
+`batch_mode='batched'` (the default) sends the rows through every network together, as one batch:
+the fast way on every backend. 'exact' runs them one at a time (`lax.map` over batch-1 programs), so
+an image's output is the same bit for bit whatever the batch size, its position in the batch or the
+device count; batched outputs equal it to float rounding (tests/unit/test_restore_pipeline.py states
+the tolerance).
+
+With `settings.tile` (latent pixels) every denoising step, the decoder and the VAE encode of
+strength < 1 run over the image's tiles, `tile_batch` tiles at a time (`tiling.map_tiles`), so
+their memory is one chunk's activations whatever the image size; the noise is drawn for the whole
+latent first, so the tile order does not matter.
+
+`params` is any mapping from network name to its parameters, read with `params[name]` where a
+network is used: the sharded program (`infer.program`) passes one that gathers a network's weights
+there.
 """
 import dataclasses
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +34,8 @@ from diffrestorer_jax.diffusion.samplers import sample
 from diffrestorer_jax.diffusion.schedules import Schedule
 from diffrestorer_jax.infer import tiling
 from diffrestorer_jax.models import diffrestorer as dr
+
+BATCH_MODES = ("batched", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +47,10 @@ class RestoreSettings:
     use_cfg: bool = False  # classifier-free guidance against a null semantic prompt
     tile: Optional[int] = None  # latent tile size; None: whole image at once
     tile_overlap: int = 8  # latent pixels
+    tile_batch: int = 4  # tiles (of every row) per network call
     context_mode: str = "degradation"
-    batch_mode: str = "map"  # map: images one by one, bit-exact per image; vmap: batched, faster
-    samples: int = 1  # posterior samples averaged per image (see restore_one)
+    batch_mode: str = "batched"  # batched: rows together; exact: one by one, bit-exact per image
+    samples: int = 1  # posterior samples averaged per image (see restore_rows)
 
 
 @struct.dataclass
@@ -64,66 +77,84 @@ def _check_input(nets: dr.Networks, lq, settings: RestoreSettings):
     if settings.tile is not None and settings.tile % (m // nets.vae_factor):
         raise ValueError(f"restore: latent tile {settings.tile} must be a multiple of "
                          f"{m // nets.vae_factor}")
+    if settings.batch_mode not in BATCH_MODES:
+        raise ValueError(f"restore: batch_mode must be one of {BATCH_MODES}, got {settings.batch_mode!r}")
+    if settings.samples < 1:
+        raise ValueError(f"restore: samples must be >= 1, got {settings.samples}")
+    if settings.tile_batch < 1:
+        raise ValueError(f"restore: tile_batch must be >= 1, got {settings.tile_batch}")
+
+
+def _repeat_rows(a, times: int):
+    """[N, ...] -> [times * N, ...], the N rows repeated `times` over (tile j of row n at j*N + n)."""
+    return jnp.tile(a, (times,) + (1,) * (a.ndim - 1))
+
+
+def _tiled(settings, latent_hw, fn, inputs, scales, out_scale):
+    return tiling.map_tiles(fn, inputs, scales, latent_hw, settings.tile, settings.tile_overlap,
+                            out_scale, chunk=settings.tile_batch)
 
 
 def denoiser(nets, params, prompts, lq, knobs, settings):
-    """model_fn(z_t, t) for the sampler, for ONE image.
+    """model_fn(z_t, t) for the sampler over the rows of `lq` [N, ...].
 
-    The sampler hands a batch of 1, or of 2 with CFG ([unconditional; conditional], the
-    unconditional row using a null semantic prompt while keeping P_D and the LQ control). With
-    tiling, every tile of every row goes through the networks in one batched call.
+    The sampler hands N rows, or 2N with CFG ([unconditional; conditional], the unconditional rows
+    using a null semantic prompt while keeping P_D and the LQ control). With tiling, each call runs
+    the tiles `tile_batch` at a time (every row's tile j together).
     """
-    def contexts(batch):
+    f = nets.vae_factor
+
+    def contexts(rows):
         sem, deg, img = prompts["semantic"], prompts["degradation"], lq
-        if batch == 2:
+        if rows == 2 * lq.shape[0]:
             sem = jnp.concatenate([jnp.zeros_like(sem), sem])
             deg, img = jnp.concatenate([deg, deg]), jnp.concatenate([img, img])
         return sem, deg, img
 
-    def run(z, t, sem, deg, img):
-        return dr.denoise(nets, params["control"], params["unet"], z, t,
-                          {"semantic": sem, "degradation": deg}, img,
-                          control_scale=knobs.control_scale, context_mode=settings.context_mode)
-
     def model_fn(z, t):
+        control, unet = params["control"], params["unet"]  # once per step, outside the tile loop
+
+        def run(z, t, sem, deg, img):
+            return dr.denoise(nets, control, unet, z, t, {"semantic": sem, "degradation": deg}, img,
+                              control_scale=knobs.control_scale, context_mode=settings.context_mode)
+
         sem, deg, img = contexts(z.shape[0])
         if settings.tile is None:
             return run(z, t, sem, deg, img)
-        b, h, w, _ = z.shape
-        f = nets.vae_factor
-        tile = tiling.tile_shape(h, w, settings.tile)
-        pos = tiling.tile_positions(h, w, tile, settings.tile_overlap)
-        z_tiles = tiling.extract_tiles(z, pos, tile)  # [T, b, th, tw, C]
-        img_tiles = tiling.extract_tiles(img, pos * f, (tile[0] * f, tile[1] * f))
-        n_tiles = z_tiles.shape[0]
-        flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [T, b, ...] -> [T*b, ...]
-        rep = lambda a: flat(jnp.broadcast_to(a[None], (n_tiles,) + a.shape))  # noqa: E731
-        out = run(flat(z_tiles), rep(t), rep(sem), rep(deg), flat(img_tiles))
-        out = out.reshape(z_tiles.shape[:2] + out.shape[1:])
-        return tiling.blend_tiles(out, pos, tiling.gaussian_tile_weights(tile), (b, h, w, out.shape[-1]))
+
+        def on_tiles(z_tiles, img_tiles):
+            k = z_tiles.shape[0] // z.shape[0]
+            return run(z_tiles, _repeat_rows(t, k), _repeat_rows(sem, k), _repeat_rows(deg, k), img_tiles)
+        return _tiled(settings, z.shape[1:3], on_tiles, [z, img], [1, f], 1)
 
     return model_fn
 
 
 def decode_latents(nets, params, z0, lq, prompts, knobs, settings):
-    """Degradation-aware decoding of one image's latent, tile by tile when tiling is on."""
+    """Degradation-aware decoding of latents [N, h, w, C] (tile by tile when tiling is on)."""
+    vae, decoder = params["vae"], params["decoder"]
+
     def dec(z, img, p_d):
-        feats = dr.lq_features(nets, params["vae"], img)
-        return dr.decode(nets, params["decoder"], z, feats, {"degradation": p_d}, img,
+        feats = dr.lq_features(nets, vae, img)
+        return dr.decode(nets, decoder, z, feats, {"degradation": p_d}, img,
                          fidelity_weight=knobs.fidelity_weight)
 
     if settings.tile is None:
         return dec(z0, lq, prompts["degradation"])
+
+    def on_tiles(z_tiles, img_tiles):
+        return dec(z_tiles, img_tiles, _repeat_rows(prompts["degradation"], z_tiles.shape[0] // z0.shape[0]))
+    return _tiled(settings, z0.shape[1:3], on_tiles, [z0, lq], [1, nets.vae_factor], nets.vae_factor)
+
+
+def encode_start(nets, params, lq, settings):
+    """The VAE latents of the LQ images, where strength < 1 starts sampling (tiled like the rest)."""
+    vae = params["vae"]
+    if settings.tile is None:
+        return dr.encode_latents(nets, vae, lq)
     f = nets.vae_factor
-    _, h, w, _ = z0.shape
-    tile = tiling.tile_shape(h, w, settings.tile)
-    pos = tiling.tile_positions(h, w, tile, settings.tile_overlap)
-    z_tiles = tiling.extract_tiles(z0, pos, tile)
-    img_tiles = tiling.extract_tiles(lq, pos * f, (tile[0] * f, tile[1] * f))
-    outs = jax.lax.map(lambda zi: dec(zi[0], zi[1], prompts["degradation"]), (z_tiles, img_tiles))
-    px_tile = (tile[0] * f, tile[1] * f)
-    return tiling.blend_tiles(outs, pos * f, tiling.gaussian_tile_weights(px_tile),
-                              (lq.shape[0], h * f, w * f, 3))
+    return _tiled(settings, (lq.shape[1] // f, lq.shape[2] // f),
+                  lambda img_tiles: dr.encode_latents(nets, vae, img_tiles), [lq], [f], 1)
 
 
 def sample_keys(key: jax.Array, samples: int) -> jax.Array:
@@ -131,58 +162,60 @@ def sample_keys(key: jax.Array, samples: int) -> jax.Array:
     return key[None] if samples == 1 else jax.random.split(key, samples)
 
 
-def restore_one(nets, params, schedule, settings, knobs, key, lq):
-    """One image [1, H, W, 3] -> (restored [1, H, W, 3], type probabilities [1, 8]).
+def restore_rows(nets, params, schedule, settings, knobs, keys, lq):
+    """Images [N, H, W, 3] with one key each [N] -> (restored [N, H, W, 3], type probabilities [N, 8]),
+    every network run on all N rows at once.
 
-    With settings.samples = K > 1, K posterior samples are drawn (keys `sample_keys(key, K)`), each
-    decoded, and the images averaged: the mean of posterior samples approaches the minimum-MSE
-    estimate, so it trades the single sample's generated detail for fidelity (higher PSNR, softer
-    texture) at K times the sampling cost.
+    With settings.samples = K > 1, K posterior samples of each image are drawn (keys
+    `sample_keys(key, K)`, all N*K as one batch), decoded, and averaged: the mean of posterior samples
+    approaches the minimum-MSE estimate, so it trades the single sample's generated detail for
+    fidelity (higher PSNR, softer texture) at K times the sampling cost.
     """
+    n, k = lq.shape[0], settings.samples
     prompts = dr.visual_prompts(nets, params["prompt"], dr.clip_tokens(nets, params["clip"], lq))
+    probs = jax.nn.softmax(prompts["logits"], axis=-1)
+    start = encode_start(nets, params, lq, settings) if settings.strength < 1.0 else None
+    if k > 1:  # rows n*K .. n*K+K-1 are image n's draws
+        keys = jax.vmap(lambda key: sample_keys(key, k))(keys).reshape((n * k,) + keys.shape[1:])
+        lq, prompts, start = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0), (lq, prompts, start))
     f = nets.vae_factor
-    latent_shape = (1, lq.shape[1] // f, lq.shape[2] // f, nets.latent_channels)
-    start = dr.encode_latents(nets, params["vae"], lq) if settings.strength < 1.0 else None
-    model_fn = denoiser(nets, params, prompts, lq, knobs, settings)
+    latent = (lq.shape[1] // f, lq.shape[2] // f, nets.latent_channels)
+    noise_keys, step_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    x_T = jax.vmap(lambda key: jax.random.normal(key, latent, jnp.float32))(noise_keys)
+    z0 = sample(denoiser(nets, params, prompts, lq, knobs, settings), x_T, step_keys, schedule,
+                sampler=settings.sampler, num_steps=settings.steps, eta=knobs.eta,
+                guidance_scale=knobs.guidance_scale if settings.use_cfg else None,
+                start_latent=start, strength=settings.strength, per_row_keys=True)
+    images = decode_latents(nets, params, z0, lq, prompts, knobs, settings)
+    if k > 1:
+        images = jnp.mean(images.reshape((n, k) + images.shape[1:]), axis=1)
+    return images, probs
 
-    def one_sample(k):
-        noise_key, sample_key = jax.random.split(k)
-        x_T = jax.random.normal(noise_key, latent_shape, jnp.float32)
-        z0 = sample(model_fn, x_T, sample_key, schedule,
-                    sampler=settings.sampler, num_steps=settings.steps, eta=knobs.eta,
-                    guidance_scale=knobs.guidance_scale if settings.use_cfg else None,
-                    start_latent=start, strength=settings.strength)
-        return decode_latents(nets, params, z0, lq, prompts, knobs, settings)
 
-    if settings.samples < 1:
-        raise ValueError(f"restore: samples must be >= 1, got {settings.samples}")
-    if settings.samples == 1:
-        image = one_sample(key)
+def restore_images(nets: dr.Networks, params: Mapping[str, Any], lq: jax.Array, key: jax.Array,
+                   schedule: Schedule, settings: RestoreSettings = RestoreSettings(),
+                   knobs: Knobs = Knobs(), image_ids: Optional[jax.Array] = None):
+    """`restore` before jit: what the restore program (`infer.program`) runs on each device."""
+    _check_input(nets, lq, settings)
+    ids = jnp.arange(lq.shape[0]) if image_ids is None else jnp.asarray(image_ids)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    rows = functools.partial(restore_rows, nets, params, schedule, settings, knobs)
+    if settings.batch_mode == "exact":
+        images, probs = jax.lax.map(lambda kx: rows(kx[0][None], kx[1][None]), (keys, lq))
+        images, probs = images[:, 0], probs[:, 0]
     else:
-        over = jax.lax.map if settings.batch_mode == "map" else (lambda fn, xs: jax.vmap(fn)(xs))
-        image = jnp.mean(over(one_sample, sample_keys(key, settings.samples)), axis=0)
-    return image, jax.nn.softmax(prompts["logits"], axis=-1)
+        images, probs = rows(keys, lq)
+    return {"image": images, "type_probs": probs}
 
 
 @functools.partial(jax.jit, static_argnames=("nets", "settings"))
-def restore(nets: dr.Networks, params: Dict[str, Any], lq: jax.Array, key: jax.Array,
-            schedule: Schedule, settings: RestoreSettings = RestoreSettings(), knobs: Knobs = Knobs(),
-            image_ids: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
+def restore(nets: dr.Networks, params, lq: jax.Array, key: jax.Array, schedule: Schedule,
+            settings: RestoreSettings = RestoreSettings(), knobs: Knobs = Knobs(),
+            image_ids: Optional[jax.Array] = None):
     """Restore a batch of LQ images [N, H, W, 3] in [0, 1] (sides multiples of `size_multiple`).
 
     `image_ids` [N] (default 0..N-1) key each image's noise: give the same id to get the same
     result for an image whatever batch it is in. Returns {'image': [N, H, W, 3] in [0, 1],
     'type_probs': [N, 8]}.
     """
-    _check_input(nets, lq, settings)
-    ids = jnp.arange(lq.shape[0]) if image_ids is None else jnp.asarray(image_ids)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-    one = functools.partial(restore_one, nets, params, schedule, settings, knobs)
-    per_image = lambda kx: one(kx[0], kx[1][None])  # noqa: E731
-    if settings.batch_mode == "map":
-        images, probs = jax.lax.map(per_image, (keys, lq))
-    elif settings.batch_mode == "vmap":
-        images, probs = jax.vmap(per_image)((keys, lq))
-    else:
-        raise ValueError(f"restore: batch_mode must be 'map' or 'vmap', got {settings.batch_mode!r}")
-    return {"image": images[:, 0], "type_probs": probs[:, 0]}
+    return restore_images(nets, params, lq, key, schedule, settings, knobs, image_ids)

@@ -5,14 +5,21 @@ process's devices (the restore and evaluate commands, the demo, the web app).
     restorer.restore_images([img, ...], ids)     # arrays [H, W, 3] in [0, 1] -> [(restored, info)]
 
 Images are padded into shape buckets (`buckets`: one compiled program per bucket) and their noise is
-keyed by fold_in(PRNGKey(seed), image id), so an image's output is identical, bit for bit, whatever
-the batch size, the other images in its batch, or the number of devices. The batch is split over
-the local devices (`program.restore_program`); on several hosts each process restores its own files.
+keyed by fold_in(PRNGKey(seed), image id), so an image's output does not depend on the other images
+in its batch. The batch is split over the local devices (`program.restore_program`), and each device
+restores its rows as one batch; with `Options(exact=True)` one at a time instead, and then an
+image's output is identical, bit for bit, whatever the batch size or the number of devices (the
+batched result equals it to float rounding). On several hosts each process restores its own files.
+
+Weights are cast to the inference dtype (bfloat16 on TPU and GPU, float32 on CPU, unless asked) and
+replicated on every device, or sharded over them when the replicated model would take more than
+half of a device's memory (`choose_weights`); `placement_note()` says what was chosen and why.
 """
 import dataclasses
 import functools
 import hashlib
 import os
+import time
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -22,12 +29,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffrestorer_jax.data.degradations import DEGRADATION_TYPES
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.infer import buckets
+from diffrestorer_jax.infer.compile_cache import CompileClock
 from diffrestorer_jax.infer.pipeline import Knobs, RestoreSettings, size_multiple
-from diffrestorer_jax.infer.program import COLOR_FIX_METHODS, restore_program
+from diffrestorer_jax.infer.program import (COLOR_FIX_METHODS, WEIGHTS, cast_weights, place_weights,
+                                            restore_program, weight_bytes)
 from diffrestorer_jax.parallel.mesh import make_mesh
 from diffrestorer_jax.parallel.sharding import replicated
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+GiB = 1024 ** 3
 
 
 class RestoreError(Exception):
@@ -57,8 +69,45 @@ class Options:
     color_fix: str = "none"  # none | wavelet | adain | auto (wavelet, never for haze / low light)
     tile: Optional[int] = None  # latent tile; None: config.image_size // vae factor; 0: never tile
     tile_overlap: Optional[int] = None  # latent pixels; None: a quarter of the tile
+    tile_batch: int = 4  # tiles per network call (memory: one chunk of tiles, whatever the image)
     batch_size: int = 1
     num_devices: Optional[int] = None  # None: all local devices
+    exact: bool = False  # images one at a time: outputs bit-identical whatever the batch / devices
+    dtype: Optional[str] = None  # weights and compute; None: bfloat16 on TPU/GPU, float32 on CPU
+    weights: str = "auto"  # auto | replicated | sharded (see choose_weights)
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # larger input files are refused from their header
+
+
+def default_dtype(platform: str) -> str:
+    """bfloat16 where the hardware computes it natively (TPU, GPU); float32 on CPU, where bfloat16
+    convolutions and matmuls are emulated and slower."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def device_memory(device) -> Optional[int]:
+    """Bytes a device's allocator may use (None where the backend does not say, e.g. the CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001  backends without memory stats raise various errors
+        return None
+    return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+
+
+def choose_weights(asked: str, nbytes: int, memory: Optional[int], num_devices: int) -> Tuple[str, str]:
+    """(placement, why). 'auto' replicates while the weights take at most half of one device's
+    memory (the other half is for activations) and shards them over the devices beyond that."""
+    if asked not in ("auto",) + WEIGHTS:
+        raise RestoreError(f"--weights must be auto, {' or '.join(WEIGHTS)}, got {asked!r}")
+    size = f"{nbytes / GiB:.2f} GiB of weights"
+    room = "" if memory is None else f" of {memory / GiB:.1f} GiB"
+    if asked != "auto":
+        return asked, f"{size}, as asked"
+    if memory is None:
+        return "replicated", f"{size}; the device reports no memory limit"
+    if nbytes <= memory / 2 or num_devices == 1:
+        why = "at most half" if nbytes <= memory / 2 else "more than half, but one device has nothing to share with"
+        return "replicated", f"{size} per device{room} ({why})"
+    return "sharded", f"{size}, more than half{room} per device: split over {num_devices} devices"
 
 
 def checkpoint_id(directory: str) -> str:
@@ -82,10 +131,19 @@ def _stamp(directory: str):
 @functools.lru_cache(maxsize=1)
 def _cached_export(directory: str, stamp) -> Tuple[Any, Any, Any]:
     """load_export, remembered per process for the last export (the demo and tests restore many times
-    from one export; one, so a full-size model is never held twice)."""
+    from one export; one, so a full-size model is never held twice). Read into host memory: the
+    restorer casts and places the weights on the accelerators itself, and a float32 copy kept on
+    the first device would take its memory from the batches."""
     del stamp
     from diffrestorer_jax import export
-    return export.load_export(directory)
+    return export.load_export(directory, device=_host_device())
+
+
+def _host_device():
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return jax.local_devices()[0]
 
 
 class Restorer:
@@ -98,6 +156,14 @@ class Restorer:
         n = options.num_devices or len(local)
         if not 1 <= n <= len(local):
             raise RestoreError(f"{n} devices asked for, {len(local)} available")
+        self.dtype = options.dtype or default_dtype(local[0].platform)
+        if self.dtype not in DTYPES:
+            raise RestoreError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if str(config.model.dtype) != self.dtype:  # the compute dtype is the networks' own
+            config = config.copy_and_resolve_references()
+            config.model.dtype = self.dtype
+            from diffrestorer_jax.models.diffrestorer import build_networks
+            nets = build_networks(config.model)
         self.config, self.nets, self.options, self.source = config, nets, options, source
         self.mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, local[:n])
         self.num_devices = n
@@ -105,7 +171,14 @@ class Restorer:
         self.multiple = size_multiple(nets)
         self._replicated = replicated(self.mesh)
         self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.params = jax.device_put(params, self._replicated)
+        params = cast_weights(params, self.dtype)
+        self.weight_bytes = weight_bytes(params)
+        self.weights, self._weights_why = choose_weights(options.weights, self.weight_bytes,
+                                                         device_memory(local[0]), n)
+        self.params = place_weights(params, self.mesh, self.weights)
+        self.clock = CompileClock()  # compile (or cache-load) seconds of this restorer's batches
+        self.run_seconds = 0.0  # wall time of its batches, compilation included
+        self.first_result_at: Optional[float] = None  # time.perf_counter() when the first batch was done
         self.schedule = schedules.from_config(config.diffusion)
         self.key = jax.device_put(jax.random.PRNGKey(int(options.seed)), self._replicated)
         self.base_settings, self.knobs = self._resolve(options)
@@ -134,6 +207,8 @@ class Restorer:
             raise RestoreError(f"config overrides {overrides}: {e}") from None
         if any(k.startswith("model.") for k in overrides):
             nets = build_networks(config.model)
+        if options.dtype is None and "model.dtype" in overrides:  # --config.model.dtype asks for one too
+            options = dataclasses.replace(options, dtype=str(overrides["model.dtype"]))
         return cls(config, nets, params, options, source=os.path.abspath(directory))
 
     def _resolve(self, o: Options) -> Tuple[RestoreSettings, Knobs]:
@@ -143,7 +218,8 @@ class Restorer:
         settings = RestoreSettings(
             sampler=str(pick(o.sampler, c.sampler.name)), steps=int(pick(o.steps, c.sampler.steps)),
             strength=float(pick(o.strength, c.sampler.strength)), use_cfg=guidance != 1.0,
-            context_mode=str(c.model.control.context), samples=int(o.samples))
+            context_mode=str(c.model.control.context), samples=int(o.samples),
+            tile_batch=int(o.tile_batch), batch_mode="exact" if o.exact else "batched")
         knobs = Knobs(guidance_scale=guidance,
                       control_scale=float(pick(o.control_scale, c.model.control.control_scale)),
                       fidelity_weight=float(pick(o.fidelity, c.model.decoder.fidelity_weight)),
@@ -152,6 +228,10 @@ class Restorer:
             raise RestoreError(f"--sampler must be {', '.join(SAMPLERS)}, got {settings.sampler!r}")
         if settings.samples < 1:
             raise RestoreError(f"--samples must be >= 1, got {settings.samples}")
+        if settings.tile_batch < 1:
+            raise RestoreError(f"--tile-batch must be >= 1, got {settings.tile_batch}")
+        if o.max_pixels is not None and o.max_pixels < 1:
+            raise RestoreError(f"--max-pixels must be >= 1, got {o.max_pixels}")
         if settings.steps < 1 or not 0 < settings.strength <= 1:
             raise RestoreError(f"--steps must be >= 1 and --strength in (0, 1], got {settings.steps}, {settings.strength}")
         return settings, knobs
@@ -185,20 +265,32 @@ class Restorer:
                 "knobs": {k: float(v) for k, v in dataclasses.asdict(self.knobs).items()},
                 "color_fix": self.options.color_fix, "latent_tile": self.latent_tile,
                 "tile_overlap": self.tile_overlap, "batch_size": self.batch_size,
-                "num_devices": self.num_devices, "checkpoint": self.source,
-                "checkpoint_id": checkpoint_id(self.source) if self.source else ""}
+                "num_devices": self.num_devices, "dtype": self.dtype, "weights": self.weights,
+                "checkpoint": self.source, "checkpoint_id": checkpoint_id(self.source) if self.source else ""}
+
+    def placement_note(self) -> str:
+        """One line for the console: dtype, where the weights are and why, the batch mode."""
+        mode = "exact (one image at a time)" if self.options.exact else "batched"
+        return (f"{self.dtype} weights, {self.weights} on {self.num_devices} {self.mesh.devices.flat[0].platform} "
+                f"device(s) ({self._weights_why}); {mode}, batch {self.batch_size}")
 
     def program(self, settings: RestoreSettings):
         """The jitted program of a bucket's settings (compiled on first use, once per bucket shape)."""
-        return restore_program(self.nets, settings, self.options.color_fix, self.mesh)
+        return restore_program(self.nets, settings, self.options.color_fix, self.mesh, self.weights)
 
     def restore_batch(self, batch: np.ndarray, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[B, H, W, 3] (B = batch_size, H, W a bucket) -> (images, type probabilities, colour fixed?)."""
-        program = self.program(self.settings_for(batch.shape[1:3]))
-        lq = jax.device_put(np.asarray(batch, np.float32), self._rows)
-        image_ids = jax.device_put(np.asarray(ids, np.int32), self._rows)
-        images, probs, fixed = program(self.params, lq, self.key, self.schedule, self.knobs, image_ids)
-        return np.asarray(images), np.asarray(probs), np.asarray(fixed)
+        start = time.perf_counter()
+        with self.clock:
+            program = self.program(self.settings_for(batch.shape[1:3]))
+            lq = jax.device_put(np.asarray(batch, np.float32), self._rows)
+            image_ids = jax.device_put(np.asarray(ids, np.int32), self._rows)
+            images, probs, fixed = program(self.params, lq, self.key, self.schedule, self.knobs, image_ids)
+            out = np.asarray(images), np.asarray(probs), np.asarray(fixed)
+        self.run_seconds += time.perf_counter() - start
+        if self.first_result_at is None:
+            self.first_result_at = time.perf_counter()
+        return out
 
     def restore_stream(self, items: Iterable[Tuple[Any, np.ndarray, int]], on_error: str = "raise"
                        ) -> Iterator[Tuple[Any, Optional[np.ndarray], Dict]]:

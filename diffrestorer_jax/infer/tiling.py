@@ -1,11 +1,15 @@
-"""Tiling math for images larger than the model's native size (tiled latent sampling, tiled VAE).
+"""Tiling for images larger than the model's native size (tiled latent sampling, tiled VAE).
 
-Tile positions are static numpy arrays, decided from static shapes, so every tile has the same shape
-and all tiles run as one batched computation (`extract_tiles` is a gather, `blend_tiles` a
-scatter-add) that compiles once per image size. Overlapping tiles are blended with Gaussian weights
-(heavier at a tile's centre, where the model saw the most context) and normalised by the summed
-weight per pixel, so a constant or identical-per-tile result is reproduced exactly; accumulation is
-float32 whatever the tiles' dtype, because bfloat16 sums of many tiles lose visible precision.
+Tile positions are static numpy arrays decided from static shapes, so every tile has the same shape
+and the program compiles once per image size. `map_tiles` runs a network over the tiles in fixed-size
+chunks (a `lax.scan` over chunks of `chunk` tiles): each step slices its tiles out of the inputs,
+runs the network on them as one batch, and adds the outputs, weighted, into one float32 accumulator.
+The memory a tiled call needs is therefore the accumulator and the inputs (the size of the image)
+plus one chunk's activations, whatever the number of tiles. Overlapping tiles are blended with
+separable Gaussian weights (heavier at a tile's centre, where the model saw the most context) and
+normalised by the summed weight per pixel, so a constant or identical-per-tile result is reproduced
+exactly; accumulation is float32 whatever the tiles' dtype, because bfloat16 sums of many tiles
+lose visible precision.
 """
 from fractions import Fraction
 from typing import Callable, Sequence, Tuple, Union
@@ -37,56 +41,97 @@ def _axis_starts(size: int, tile: int, overlap: int) -> np.ndarray:
     return np.unique(starts)
 
 
+def _axis_grid(height: int, width: int, tile: TileSize, overlap: int):
+    th, tw = tile_shape(height, width, tile)
+    if overlap < 0 or (overlap >= th and height > th) or (overlap >= tw and width > tw):
+        raise ValueError(f"overlap {overlap} must be >= 0 and smaller than the tile {tile}")
+    return _axis_starts(height, th, overlap), _axis_starts(width, tw, overlap)
+
+
 def tile_positions(height: int, width: int, tile: TileSize, overlap: int) -> np.ndarray:
     """(y, x) top-left corners, shape [T, 2], of tiles covering the image, every tile inside it.
 
     Where the image is no larger than the tile along an axis there is a single tile along that axis
     (use `tile_shape` for its size). `overlap` must be smaller than the tile.
     """
-    th, tw = tile_shape(height, width, tile)
-    if overlap < 0 or (overlap >= th and height > th) or (overlap >= tw and width > tw):
-        raise ValueError(f"overlap {overlap} must be >= 0 and smaller than the tile {tile}")
-    ys, xs = _axis_starts(height, th, overlap), _axis_starts(width, tw, overlap)
+    ys, xs = _axis_grid(height, width, tile, overlap)
     return np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
 
 
+def _axis_weights(n: int, sigma_frac: float) -> np.ndarray:
+    """One axis of the blending weights: a Gaussian, peak 1, floored at 1e-3 (so the 2-D weight, a
+    product of two, is >= 1e-6 and no pixel ever has zero total weight, even for a tiny sigma_frac)."""
+    d = (np.arange(n) - (n - 1) / 2) / (sigma_frac * n)
+    return np.maximum(np.exp(-0.5 * d * d), 1e-3)
+
+
 def gaussian_tile_weights(tile: TileSize, sigma_frac: float = 0.3) -> jnp.ndarray:
-    """Separable Gaussian blending weights [th, tw], peak 1, sigma = sigma_frac * tile side.
+    """Separable Gaussian blending weights [th, tw], peak 1, sigma = sigma_frac * tile side."""
+    th, tw = _pair(tile)
+    return jnp.asarray(np.outer(_axis_weights(th, sigma_frac), _axis_weights(tw, sigma_frac)), jnp.float32)
 
-    Floored at 1e-6 so no pixel ever has zero total weight, even for a tiny sigma_frac (an image
-    corner is covered by a single tile's corner).
+
+def _axis_norm(size: int, starts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Summed weight per pixel along one axis. The tiles form a grid and the weights are a product of
+    per-axis factors, so the 2-D normaliser is the outer product of the two axes' sums."""
+    norm = np.zeros(size)
+    for s in starts:
+        norm[s:s + len(weights)] += weights
+    return norm
+
+
+def map_tiles(fn: Callable, inputs: Sequence[jax.Array], scales: Sequence[int], grid_hw: Tuple[int, int],
+              tile: TileSize, overlap: int, out_scale: int = 1, *, chunk: int = 1,
+              sigma_frac: float = 0.3) -> jax.Array:
+    """Run `fn` over the tiles of an image and blend its outputs into one float32 image.
+
+    Tiles are laid on a grid of `grid_hw` pixels (`tile`, `overlap` in grid pixels). `inputs[k]`
+    [N, H * scales[k], W * scales[k], C_k] is read at `scales[k]` times the grid (a latent and its
+    image: scales 1 and 8). `fn(*tiles)` gets `chunk` tiles of every row as one batch of chunk * N
+    ([chunk, N] flattened: row j * N + n is tile j of row n) and returns [chunk * N, th * out_scale,
+    tw * out_scale, C']. The result is [N, H * out_scale, W * out_scale, C'] float32.
     """
-    th, tw = _pair(tile)
+    h, w = grid_hw
+    th, tw = tile_shape(h, w, tile)
+    ys, xs = _axis_grid(h, w, (th, tw), overlap)
+    pos = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    n_tiles, chunk = len(pos), max(1, min(int(chunk), len(pos)))
+    n_chunks = -(-n_tiles // chunk)
+    pad = n_chunks * chunk - n_tiles  # the last chunk is filled with weightless copies of tile 0
+    pos_all = np.concatenate([pos, np.repeat(pos[:1], pad, 0)]).reshape(n_chunks, chunk, 2)
+    live = np.concatenate([np.ones(n_tiles), np.zeros(pad)]).astype(np.float32).reshape(n_chunks, chunk)
+    n_rows = inputs[0].shape[0]
+    oth, otw = th * out_scale, tw * out_scale
+    wy, wx = _axis_weights(oth, sigma_frac), _axis_weights(otw, sigma_frac)
+    weights = jnp.asarray(np.outer(wy, wx), jnp.float32)[None, :, :, None]
 
-    def axis(n):
-        d = (np.arange(n) - (n - 1) / 2) / (sigma_frac * n)
-        return np.exp(-0.5 * d * d)
+    def tiles_at(p):  # p [chunk, 2] -> each input's tiles, [chunk * N, ...]
+        out = []
+        for x, s in zip(inputs, scales):
+            cut = [jax.lax.dynamic_slice(x, (0, p[j, 0] * s, p[j, 1] * s, 0),
+                                         (n_rows, th * s, tw * s, x.shape[-1])) for j in range(chunk)]
+            out.append(jnp.concatenate(cut, axis=0))
+        return out
 
-    w = np.maximum(np.outer(axis(th), axis(tw)), 1e-6)
-    return jnp.asarray(w, jnp.float32)
+    example = jax.eval_shape(lambda p: fn(*tiles_at(p)), jnp.zeros((chunk, 2), jnp.int32))
+    if example.shape[:3] != (chunk * n_rows, oth, otw):
+        raise ValueError(f"map_tiles: fn maps {chunk * n_rows} tiles of {th}x{tw} grid pixels to "
+                         f"{example.shape}, expected [{chunk * n_rows}, {oth}, {otw}, C] for out_scale {out_scale}")
+    acc = jnp.zeros((n_rows, h * out_scale, w * out_scale, example.shape[-1]), jnp.float32)
 
+    def body(acc, step):
+        p, alive = step
+        out = fn(*tiles_at(p)).astype(jnp.float32).reshape((chunk, n_rows) + example.shape[1:])
+        for j in range(chunk):
+            at = (0, p[j, 0] * out_scale, p[j, 1] * out_scale, 0)
+            cur = jax.lax.dynamic_slice(acc, at, (n_rows, oth, otw, acc.shape[-1]))
+            acc = jax.lax.dynamic_update_slice(acc, cur + alive[j] * weights * out[j], at)
+        return acc, None
 
-def extract_tiles(x, positions: np.ndarray, tile: TileSize):
-    """Tiles of x [N, H, W, C] at static `positions` -> [T, N, th, tw, C] (one gather)."""
-    th, tw = _pair(tile)
-    rows = np.asarray(positions)[:, 0, None] + np.arange(th)  # [T, th]
-    cols = np.asarray(positions)[:, 1, None] + np.arange(tw)  # [T, tw]
-    tiles = x[:, rows[:, :, None], cols[:, None, :], :]  # [N, T, th, tw, C]
-    return jnp.moveaxis(tiles, 1, 0)
-
-
-def blend_tiles(tiles, positions: np.ndarray, weights, out_shape: Sequence[int]):
-    """Weighted average of overlapping tiles [T, N, th, tw, C] into an [N, H, W, C] float32 image."""
-    n, h, w, c = out_shape
-    _, _, th, tw, _ = tiles.shape
-    rows = np.asarray(positions)[:, 0, None] + np.arange(th)
-    cols = np.asarray(positions)[:, 1, None] + np.arange(tw)
-    idx = (rows[:, :, None], cols[:, None, :])
-    weights = jnp.asarray(weights, jnp.float32)
-    weighted = jnp.moveaxis(tiles.astype(jnp.float32) * weights[None, None, :, :, None], 1, 3)
-    acc = jnp.zeros((h, w, n, c), jnp.float32).at[idx].add(weighted)  # [H, W, N, C]
-    norm = jnp.zeros((h, w), jnp.float32).at[idx].add(jnp.broadcast_to(weights, (len(rows), th, tw)))
-    return jnp.moveaxis(acc / norm[:, :, None, None], 2, 0)
+    acc, _ = jax.lax.scan(body, acc, (jnp.asarray(pos_all, jnp.int32), jnp.asarray(live)))
+    norm_y = _axis_norm(h * out_scale, ys * out_scale, wy)
+    norm_x = _axis_norm(w * out_scale, xs * out_scale, wx)
+    return acc / jnp.asarray(np.outer(norm_y, norm_x), jnp.float32)[None, :, :, None]
 
 
 def _scaled(value: int, scale: Fraction, what: str) -> int:
@@ -99,24 +144,20 @@ def _scaled(value: int, scale: Fraction, what: str) -> int:
 def tiled_apply(fn: Callable, x, tile: int, overlap: int, scale: Union[int, float, Fraction] = 1, *,
                 sigma_frac: float = 0.3, tiles_per_call: int = 1):
     """Apply a spatially local `fn` ([B, t, t, C] -> [B, t*scale, t*scale, C']) to x [N, H, W, C] tile
-    by tile and blend the outputs into [N, H*scale, W*scale, C'] (float32).
+    by tile and blend the outputs into [N, H*scale, W*scale, C'] (float32): `map_tiles` for one input.
 
     `scale` is the output/input size ratio (8 for a VAE decoder on latents, 1/8 for an encoder; a
-    float such as 0.125 is read as the nearest simple fraction). Tiles are processed
-    `tiles_per_call` at a time with `lax.map`, because the point of tiling a VAE is bounding memory.
+    float such as 0.125 is read as the nearest simple fraction); `tile` and `overlap` are in input
+    pixels. Tiles go through `fn` `tiles_per_call` at a time.
     """
     scale = Fraction(scale).limit_denominator(64)
-    n, h, w, _ = x.shape
-    th, tw = tile_shape(h, w, tile)
-    positions = tile_positions(h, w, (th, tw), overlap)
-    out_pos = np.array([[_scaled(int(p), scale, "tile position") for p in pos] for pos in positions])
-    oth, otw = _scaled(th, scale, "tile"), _scaled(tw, scale, "tile")
-    oh, ow = _scaled(h, scale, "image size"), _scaled(w, scale, "image size")
-
-    tiles = extract_tiles(x, positions, (th, tw))
-    outs = jax.lax.map(fn, tiles, batch_size=tiles_per_call)  # [T, N, oth, otw, C']
-    if outs.shape[2:4] != (oth, otw):
-        raise ValueError(f"fn maps a {(th, tw)} tile to {outs.shape[2:4]}, expected {(oth, otw)} "
-                         f"for scale {scale}")
-    weights = gaussian_tile_weights((oth, otw), sigma_frac)
-    return blend_tiles(outs, out_pos, weights, (n, oh, ow, outs.shape[-1]))
+    _, h, w, _ = x.shape
+    if scale.denominator == 1:  # the grid is the input's pixels
+        return map_tiles(fn, [x], [1], (h, w), tile, overlap, int(scale), chunk=tiles_per_call,
+                         sigma_frac=sigma_frac)
+    if scale.numerator != 1:
+        raise ValueError(f"scale {scale}: only whole numbers and their inverses are supported")
+    down = scale.denominator  # the grid is the output's pixels, the input is read at `down` times it
+    grid = (_scaled(h, scale, "image size"), _scaled(w, scale, "image size"))
+    return map_tiles(fn, [x], [down], grid, _scaled(tile, scale, "tile"), _scaled(overlap, scale, "overlap"),
+                     1, chunk=tiles_per_call, sigma_frac=sigma_frac)

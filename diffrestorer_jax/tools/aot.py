@@ -33,7 +33,7 @@ from diffrestorer_jax.data import sources
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.export import abstract_params
 from diffrestorer_jax.infer import pipeline
-from diffrestorer_jax.infer.program import restore_program
+from diffrestorer_jax.infer.program import abstract_weights, cast_weights, restore_program
 from diffrestorer_jax.models import attention
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import mesh as mesh_lib
@@ -76,27 +76,37 @@ def lower_train_step(config, devices, paired: bool = False, backend: str = "tpu"
     return lowered, run
 
 
-def lower_restore(config, devices, batch: int, steps: int):
+def restore_config(config, dtype: str):
+    """The config as the restore CLI runs it on an accelerator: compute in `dtype`."""
+    c = config.copy_and_resolve_references()
+    c.model.dtype = dtype
+    return c
+
+
+def lower_restore(config, devices, batch: int, steps: int, dtype: str = "bfloat16",
+                  weights: str = "replicated", exact: bool = False, backend: str = "tpu"):
     """(lowered, mesh) of the restore CLI's own program (`infer.program.restore_program`): a
-    shard_map over a data-only mesh, every chip holding the whole (replicated) model and restoring
-    its own rows."""
+    shard_map over a data-only mesh, every chip restoring its own rows (as one batch, or one at a
+    time with `exact`), the weights cast to `dtype` and replicated or sharded as the CLI places them
+    (`infer.program.place_weights`); attention as it is chosen for `backend`."""
     if batch % len(devices):
         raise ValueError(f"restore batch {batch} must be a multiple of the {len(devices)} chips")
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-    nets = dr.build_networks(config.model)
+    nets = dr.build_networks(restore_config(config, dtype).model)
     size = int(config.image_size)
     rep, rows = sharding.replicated(mesh), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     abstract = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sh), tree)
-    params = abstract(_abstract_params(nets, size), rep)
+    params = abstract_weights(cast_weights(_abstract_params(nets, size), dtype), mesh, weights)
     lq = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=rows)
     ids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
     sched = abstract(schedules.from_config(config.diffusion), rep)
     knobs = abstract(pipeline.Knobs(*np.float32([1.0, 1.0, 1.0, 0.0])), rep)
-    settings = pipeline.RestoreSettings(sampler=config.sampler.name, steps=int(steps))
-    program = restore_program(nets, settings, "none", mesh)
-    with attention.target_backend("tpu"):
+    settings = pipeline.RestoreSettings(sampler=config.sampler.name, steps=int(steps),
+                                        batch_mode="exact" if exact else "batched")
+    program = restore_program(nets, settings, "none", mesh, weights)
+    with attention.target_backend(backend):
         lowered = program.lower(params, lq, key, sched, knobs, ids)
     return lowered, mesh
 
@@ -182,20 +192,25 @@ def model_flops_restore(config, batch: int, steps: int) -> Dict[str, float]:
     return {"per_image_once": fixed, "per_step": step, "total": batch * (fixed + steps * step)}
 
 
-def compile_restore(config, devices, batch: int, steps: int,
-                    count_model_flops: bool = True) -> Dict[str, Any]:
-    """Compile `restore` (the whole sampler loop, `steps` denoising steps) for `batch` images.
+def compile_restore(config, devices, batch: int, steps: int, count_model_flops: bool = True,
+                    dtype: str = "bfloat16", weights: str = "replicated", exact: bool = False,
+                    compiler_options: Optional[dict] = None, backend: str = "tpu") -> Dict[str, Any]:
+    """Compile the restore program (the whole sampler loop, `steps` denoising steps) for `batch`
+    images, weights and compute in `dtype`, weights `replicated` or `sharded`, rows batched (or one
+    at a time with `exact`).
 
     The sampler is a `lax.scan`, so per-step memory does not grow with `steps`: a short `steps`
     gives the same per-chip memory. The model FLOPs (`model_flops_restore`) are for `steps`, and the
     report also gives them at 50 steps.
     """
     t0 = time.time()
-    lowered, mesh = lower_restore(config, devices, batch, steps)
+    lowered, mesh = lower_restore(config, devices, batch, steps, dtype, weights, exact, backend)
     t1 = time.time()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options)
     t2 = time.time()
-    report = {"what": f"restore ({steps} steps)", "mesh": dict(mesh.shape), "batch": batch,
+    mode = "exact" if exact else "batched"
+    report = {"what": f"restore ({steps} steps, {dtype}, {weights} weights, {mode})",
+              "mesh": dict(mesh.shape), "batch": batch,
               "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
               "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
               "xla_flops_note": "loop bodies counted once: one image, one denoising step",

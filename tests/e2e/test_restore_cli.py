@@ -3,12 +3,15 @@
 Outputs at the input sizes with sidecars and umask permissions; bad files (and a failing batch, and
 a FIFO named like an image) named on stderr without a traceback and a non-zero exit; existing
 outputs skipped only when made with the same settings, --overwrite redoes them; outputs never
-collide; names that are not UTF-8 work; one compilation per shape bucket; an image's output
-identical bit for bit whatever the batch size, the other images or the device count.
+collide; names that are not UTF-8 work; one compilation per shape bucket; with --exact an image's
+output identical bit for bit whatever the batch size, the other images or the device count, and the
+batched default equal to it to a rounding; bfloat16 sharded weights; oversized files refused from
+their header; a second run loads its programs from the compilation cache.
 """
 import json
 import os
 import pathlib
+import re
 import socket
 import stat
 import subprocess
@@ -130,23 +133,112 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
 
 
 def test_same_output_any_batch_or_device_count(ckpt, photos, tmp_path, capsys):
-    """a.png asked with batch size 1 on 8 devices (alone; the batch is rounded up to 8 and padded),
-    with batch size 3 among b.jpg (and a padding row) on 1 device, and among the whole folder on 8
-    devices: identical PNGs. (Same 32x32 bucket as test_cli_folder, so the 8-device program is reused.)"""
-    runs = {"alone_8dev": ["--input", str(photos / "a.png"), "--batch-size", "1"],
-            "batch3_1dev": ["--input", str(photos / "[ab].*"), "--devices", "1", "--batch-size", "3"],
-            "folder_8dev": ["--input", str(photos), "--batch-size", "8"]}
+    """--exact: a.png asked with batch size 1 on 8 devices (alone; the batch is rounded up to 8 and
+    padded), with batch size 3 among b.jpg (and a padding row) on 1 device, and with b.jpg on 8
+    devices: identical PNGs. Batched (the default; test_cli_folder's 32x32 program): the same PNG to
+    within one level of 255."""
+    runs = {"alone_8dev": ["--input", str(photos / "a.png"), "--batch-size", "1", "--exact"],
+            "batch3_1dev": ["--input", str(photos / "[ab].*"), "--devices", "1", "--batch-size", "3", "--exact"],
+            "pair_8dev": ["--input", str(photos / "[ab].*"), "--batch-size", "8", "--exact"],
+            "pair_8dev_batched": ["--input", str(photos / "[ab].*"), "--batch-size", "8"]}
     images = {}
     for name, extra in runs.items():
         out = tmp_path / name
         rc = restore_cli.main(["--checkpoint", ckpt, "--output", str(out), "--seed", "3", "--no-progress",
                                "--color-fix", "auto"] + extra)
-        assert rc == (1 if name == "folder_8dev" else 0)
+        assert rc == 0
         images[name] = _read(out / "a.png")
-        assert json.loads((out / "a.json").read_text())["image_id"] == path_image_id("a.png")
+        side = json.loads((out / "a.json").read_text())
+        assert side["image_id"] == path_image_id("a.png")
+        assert side["settings"]["batch_mode"] == ("batched" if name.endswith("batched") else "exact")
     capsys.readouterr()
     np.testing.assert_array_equal(images["alone_8dev"], images["batch3_1dev"])
-    np.testing.assert_array_equal(images["alone_8dev"], images["folder_8dev"])
+    np.testing.assert_array_equal(images["alone_8dev"], images["pair_8dev"])
+    diff = np.abs(images["pair_8dev_batched"].astype(int) - images["pair_8dev"].astype(int))
+    assert diff.max() <= 1, diff.max()
+
+
+def test_weights_choice_from_device_memory():
+    from diffrestorer_jax.infer.restorer import RestoreError, choose_weights, default_dtype
+    gib = 2 ** 30
+    assert choose_weights("auto", 3 * gib, 16 * gib, 8)[0] == "replicated"
+    placement, why = choose_weights("auto", 9 * gib, 16 * gib, 8)
+    assert placement == "sharded" and "9.00 GiB" in why and "16.0 GiB" in why and "8 devices" in why
+    assert choose_weights("auto", 9 * gib, 16 * gib, 1)[0] == "replicated"  # nothing to share with
+    assert choose_weights("auto", 9 * gib, None, 8)[0] == "replicated"  # CPU: no limit reported
+    assert choose_weights("sharded", 1, None, 8) == ("sharded", "0.00 GiB of weights, as asked")
+    with pytest.raises(RestoreError, match="--weights"):
+        choose_weights("half", 1, None, 8)
+    assert default_dtype("tpu") == default_dtype("gpu") == "bfloat16" and default_dtype("cpu") == "float32"
+
+
+def test_bfloat16_sharded_weights(ckpt):
+    """--dtype bfloat16 --weights sharded: kernels stored in bfloat16 (half the bytes), computed in
+    it, each device holding 1/8 of every weight; the result close to float32's (test_cli_folder's
+    program: replicated, colour fix auto). The sidecar settings say which dtype and placement ran."""
+    import jax
+    from diffrestorer_jax.infer.program import Shard
+    from diffrestorer_jax.infer.restorer import Options, Restorer
+    rng = np.random.default_rng(4)
+    imgs = [rng.random((32, 32, 3)).astype(np.float32) for _ in range(3)]
+    runs = {}
+    for dtype, weights in [("float32", "replicated"), ("bfloat16", "sharded")]:
+        r = Restorer.from_export(ckpt, Options(batch_size=8, dtype=dtype, weights=weights, color_fix="auto"))
+        assert (r.describe()["dtype"], r.describe()["weights"]) == (dtype, weights)
+        assert f"{dtype} weights, {weights} on 8 cpu device(s)" in r.placement_note()
+        runs[dtype] = (r, np.stack([x for x, _ in r.restore_images(imgs, [1, 2, 3])]))
+    f32, bf16 = runs["float32"][0], runs["bfloat16"][0]
+    assert bf16.nets.unet.dtype == jax.numpy.bfloat16
+    assert bf16.weight_bytes < 0.6 * f32.weight_bytes
+    kernel, shard = f32.params["unet"]["conv_in"]["kernel"], bf16.params["unet"]["conv_in"]["kernel"]
+    assert isinstance(shard, Shard) and shard.shape == kernel.shape and shard.data.dtype == jax.numpy.bfloat16
+    assert shard.data.addressable_shards[0].data.size * 8 == shard.data.size >= kernel.size
+    err = np.abs(runs["bfloat16"][1] - runs["float32"][1])
+    assert err.mean() < 0.02 and err.max() < 0.25, (err.mean(), err.max())
+    assert err.max() > 0  # bfloat16 really ran
+
+
+def test_max_pixels_refused_from_the_header(ckpt, photos, tmp_path, capsys):
+    """A PNG whose header claims 60000x60000 pixels (and holds almost no data) is refused by
+    --max-pixels before any decoding (decoding would fail on its missing data), named with the
+    limit; the others are restored."""
+    import struct
+    import zlib
+    good = (photos / "a.png").read_bytes()
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "huge.png").write_bytes(good[:8] + chunk + good[8 + 25:])
+    (folder / "a.png").write_bytes(good)
+    out = tmp_path / "out"
+    rc = restore_cli.main(["--checkpoint", ckpt, "--input", str(folder), "--output", str(out), "--seed", "3",
+                           "--no-progress", "--color-fix", "auto", "--batch-size", "8", "--max-pixels", "5000"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert "huge.png: 60000x60000 = 3600000000 pixels exceeds the limit of 5000" in err
+    assert (out / "a.png").exists() and not (out / "huge.png").exists()
+
+
+def test_second_run_loads_programs_from_the_compilation_cache(ckpt, photos, tmp_path):
+    """The real command twice with one --compile-cache folder: the first compiles and fills it, the
+    second loads every program from it (and prints so); same output bits."""
+    cache = tmp_path / "cache"
+    lines = []
+    for run in ("first", "second"):
+        proc = subprocess.run([*procs.command("diffrestorer-restore"), "--checkpoint", ckpt,
+                               "--input", str(photos / "a.png"), "--output", str(tmp_path / run), "--steps", "1",
+                               "--compile-cache", str(cache), "--no-progress"],
+                              capture_output=True, text=True, timeout=300,
+                              env=procs.worker_env(1, DIFFRESTORER_COMPILE_CACHE="off"))
+        assert proc.returncode == 0, proc.stderr
+        lines.append(next(line for line in proc.stderr.splitlines() if line.startswith("time: compiling")))
+    assert any(cache.iterdir())
+    first, second = (re.search(r" (\d+) program\(s\), (\d+) loaded from the cache", line).groups() for line in lines)
+    assert int(first[0]) >= 1 and first[1] == "0", lines
+    assert int(second[0]) >= 1 and second[1] == second[0], lines
+    assert "first image" in lines[1]
+    np.testing.assert_array_equal(_read(tmp_path / "first" / "a.png"), _read(tmp_path / "second" / "a.png"))
 
 
 def test_inputs_and_output_names(photos, tmp_path):

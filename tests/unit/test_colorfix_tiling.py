@@ -35,29 +35,39 @@ def test_single_tile_when_image_fits():
         tiling.tile_positions(64, 64, 32, 32)
 
 
-@pytest.mark.parametrize("shape,tile,overlap", [
-    ((2, 64, 64, 3), 32, 8), ((1, 70, 45, 4), 32, 12), ((2, 37, 100, 1), 24, 5), ((1, 20, 30, 3), 32, 8),
+@pytest.mark.parametrize("shape,tile,overlap,chunk", [
+    ((2, 64, 64, 3), 32, 8, 1), ((1, 70, 45, 4), 32, 12, 2), ((2, 37, 100, 1), 24, 5, 4),
+    ((1, 20, 30, 3), 32, 8, 3),
 ])
-def test_extract_then_blend_is_identity(shape, tile, overlap):
+def test_map_tiles_identity_reassembles_the_image(shape, tile, overlap, chunk):
+    """fn = identity: every pixel comes back (weights normalised), for chunks that do not divide the
+    number of tiles too (the padding tiles weigh nothing)."""
     x = jax.random.uniform(jax.random.PRNGKey(0), shape)
     n, h, w, c = shape
+    calls = []
+
+    def ident(t):
+        calls.append(t.shape)
+        return t
+    out = jax.jit(lambda z: tiling.map_tiles(ident, [z], [1], (h, w), tile, overlap, chunk=chunk))(x)
     t = tiling.tile_shape(h, w, tile)
-    pos = tiling.tile_positions(h, w, tile, overlap)
-    tiles = jax.eval_shape(lambda z: tiling.extract_tiles(z, pos, t), x)
-    assert tiles.shape == (len(pos), n) + t + (c,)
-    roundtrip = lambda z: tiling.blend_tiles(tiling.extract_tiles(z, pos, t), pos,
-                                             tiling.gaussian_tile_weights(t), shape)
-    out = jax.jit(roundtrip)(x)
+    assert calls[-1] == (min(chunk, len(tiling.tile_positions(h, w, tile, overlap))) * n,) + t + (c,)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, x, rtol=0, atol=1e-6)
 
 
+def test_map_tiles_reads_each_input_at_its_scale():
+    """A latent (scale 1) and its image (scale 4) tiled together: fn sees matching tiles of both."""
+    z = jax.random.normal(jax.random.PRNGKey(3), (2, 12, 20, 4))
+    img = jnp.repeat(jnp.repeat(z[..., :3], 4, axis=1), 4, axis=2)
+    both = lambda zt, it: it + jnp.repeat(jnp.repeat(zt[..., :3], 4, axis=1), 4, axis=2)  # noqa: E731
+    out = jax.jit(lambda a, b: tiling.map_tiles(both, [a, b], [1, 4], (12, 20), 8, 4, 4, chunk=2))(z, img)
+    np.testing.assert_allclose(out, 2 * img, atol=1e-5)
+
+
 def test_blend_accumulates_in_float32():
     x = jax.random.uniform(jax.random.PRNGKey(1), (1, 64, 64, 2))
-    pos = tiling.tile_positions(64, 64, 24, 12)
-    roundtrip = lambda z: tiling.blend_tiles(tiling.extract_tiles(z, pos, 24), pos,
-                                             tiling.gaussian_tile_weights(24), x.shape)
-    out = jax.jit(roundtrip)(x.astype(jnp.bfloat16))
+    out = jax.jit(lambda z: tiling.map_tiles(lambda t: t, [z], [1], (64, 64), 24, 12))(x.astype(jnp.bfloat16))
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, x.astype(jnp.bfloat16).astype(jnp.float32), atol=1e-6)
 

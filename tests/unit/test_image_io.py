@@ -96,6 +96,34 @@ def test_decompression_bomb_refused(tmp_path, monkeypatch):
         read_image(tmp_path / "big.png")
 
 
+def _claimed_size_png(tmp_path, width, height):
+    """A valid small PNG whose header (IHDR) claims another size: only the header can be trusted."""
+    import struct
+    import zlib
+    png = encode_png(np.zeros((4, 4, 3)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path = tmp_path / f"claims_{width}x{height}.png"
+    path.write_bytes(png[:8] + chunk + png[8 + 25:])
+    return path
+
+
+def test_max_pixels_refuses_from_the_header_and_replaces_pillows_guard(tmp_path):
+    """max_pixels is checked on the header's size before decoding, with its own message, in place of
+    Pillow's guard in both directions: below it (a 9000^2 claim, which Pillow would let through) and
+    above it (a 10000^2 claim, 100 MP, which Pillow would refuse as a bomb but a larger max_pixels
+    admits; decoding then fails on the missing data, as it should)."""
+    small = _claimed_size_png(tmp_path, 9000, 9000)
+    with pytest.raises(ImageReadError, match="9000x9000 = 81000000 pixels exceeds the limit of 5000$"):
+        read_image(small, max_pixels=5000)
+    big = _claimed_size_png(tmp_path, 10000, 10000)
+    with pytest.raises(ImageReadError, match="decompression bomb"):
+        read_image(big)
+    with pytest.raises(ImageReadError, match="corrupt or unreadable|truncated"):
+        read_image(big, max_pixels=200_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's global is left as it was
+
+
 @pytest.mark.parametrize("kind,reason", [("zero", "empty"), ("text", "not an image"),
                                          ("truncated", "truncated"), ("corrupt", "corrupt"),
                                          ("missing", "no such file")])

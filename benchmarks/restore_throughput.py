@@ -1,0 +1,189 @@
+"""Restore throughput on this machine's CPU: the restore CLI's own program beside a PyTorch reference
+built from diffusers parts, same size, batch and DDIM steps.
+
+    python benchmarks/restore_throughput.py --size tiny --image 64 --batch 4 --steps 10 --reps 5
+    python benchmarks/restore_throughput.py --size sd15 --image 256 --batch 2 --steps 4 --reps 3 \
+        --sides ours_batched,ours_exact      # then --sides theirs in another process (memory)
+
+Sides (run interleaved: one of each in turn, `--reps` times, after one warm-up call each; medians):
+  ours_batched  `Restorer.restore_batch` (what diffrestorer-restore runs per batch: host -> device,
+                the shard_map restore program, device -> host), rows as one batch (the default)
+  ours_exact    the same with --exact: the rows one at a time inside the program
+  theirs        PyTorch (torch.no_grad, eval): CLIP vision tower (transformers) on the LQ resized to
+                the CLIP size, the prompt MLPs, then per DDIM step ControlNet (diffusers, from the
+                UNet, context P_D, the LQ as its condition) + UNet (context P_S, the residuals), then
+                the VAE encoder on the LQ and the VAE decoder on the latent.
+The two do the same work except the decoder: ours is the degradation-aware decoder (the VAE decoder
+plus, at every level, a fusion of the LQ's encoder features through residual dense blocks, and the
+tiny config's image-level fusion), theirs is the plain VAE decoder; the LQ encoder pass is in both.
+So the comparison slightly favours PyTorch. Weights are random (timing does not depend on them),
+float32 on both sides. Ours uses this host's XLA CPU setting (xla_cpu.py), as the commands do.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host  # noqa: E402
+
+REPO = host.REPO
+SIDES = ("ours_batched", "ours_exact", "theirs")
+
+
+def get_config(size: str):
+    sys.path.insert(0, REPO)
+    from diffrestorer_jax.config_base import load_config_file
+    c = load_config_file(os.path.join(REPO, "configs", f"{'tiny' if size == 'tiny' else 'sd15'}.py"))
+    c.model.dtype = "float32"
+    return c
+
+
+def host_params(nets, seed: int = 0):
+    """Random weights drawn on the host with the init's shapes (nothing to compile): N(0, 1/fan_in)
+    kernels, scales near 1, small biases, so activations stay in a normal range."""
+    import jax
+    from diffrestorer_jax.export import abstract_params
+    from diffrestorer_jax.parallel.sharding import unbox
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        z = rng.standard_normal(a.shape, np.float32)
+        if "scale" in str(path[-1]):
+            return 1.0 + 0.02 * z
+        if len(a.shape) >= 2:
+            return z / np.float32(np.sqrt(np.prod(a.shape[:-1])))
+        return 0.02 * z
+    return jax.tree_util.tree_map_with_path(fill, unbox(abstract_params(nets, 64)))
+
+
+def ours(config, args, exact: bool):
+    from diffrestorer_jax.infer.restorer import Options, Restorer
+    from diffrestorer_jax.models import diffrestorer as dr
+    nets = dr.build_networks(config.model)
+    r = Restorer(config, nets, host_params(nets), Options(
+        steps=args.steps, sampler="ddim", batch_size=args.batch, num_devices=1, exact=exact,
+        dtype="float32", color_fix="none", tile=0))
+    lq = np.random.default_rng(1).random((args.batch, args.image, args.image, 3), np.float32)
+    ids = np.arange(args.batch)
+    return lambda: r.restore_batch(lq, ids)
+
+
+def theirs(config, args):
+    import diffusers
+    import torch
+    import transformers
+    m = config.model
+    unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.unet).items()}
+    vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.vae).items()}
+    cc = dict(m.clip)
+    ctx, hid = unet_cfg["cross_attention_dim"], m.prompt["hidden_dim"]
+    nn = torch.nn
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**unet_cfg)
+    control = diffusers.ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=tuple(m.control["conditioning_channels"]))
+    vae = diffusers.AutoencoderKL(**vae_cfg)
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=cc["hidden_size"], intermediate_size=cc["intermediate_size"],
+        num_hidden_layers=cc["num_hidden_layers"], num_attention_heads=cc["num_attention_heads"],
+        image_size=cc["image_size"], patch_size=cc["patch_size"], hidden_act=cc["hidden_act"],
+        attn_implementation="sdpa"))
+    sem = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
+                        nn.Linear(hid, hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01), nn.Linear(hid, ctx))
+    deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
+                        nn.Linear(hid, ctx))
+    for mod in (unet, control, vae, clip, sem, deg):
+        mod.eval()
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    lq_nhwc = np.random.default_rng(1).random((args.batch, args.image, args.image, 3), np.float32)
+    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def run():
+        lq = torch.from_numpy(np.ascontiguousarray(lq_nhwc.transpose(0, 3, 1, 2)))
+        px = torch.nn.functional.interpolate(lq, size=(cc["image_size"],) * 2, mode="bicubic", antialias=True)
+        tok = clip(pixel_values=(px - mean) / std).last_hidden_state[:, 1:]
+        p_s, p_d = sem(tok), deg(tok)
+        z = torch.randn(lq.shape[0], vae_cfg["latent_channels"], lq.shape[2] // f, lq.shape[3] // f)
+        sched.set_timesteps(args.steps)
+        for t in sched.timesteps:
+            down, mid = control(z, t, p_d, controlnet_cond=lq, return_dict=False)
+            eps = unet(z, t, p_s, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                       return_dict=False)[0]
+            z = sched.step(eps, t, z, return_dict=False)[0]
+        vae.encode(lq * 2 - 1)  # the LQ features our decoder fuses (see the docstring)
+        img = vae.decode(z / vae_cfg["scaling_factor"], return_dict=False)[0]
+        return img.permute(0, 2, 3, 1).numpy()
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="tiny", choices=("tiny", "sd15"))
+    ap.add_argument("--image", type=int, default=64, help="image side (pixels)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--threads", type=int, help="pin this process to the first N CPUs and give PyTorch N "
+                    "threads (XLA sizes its pool from the CPUs it may use): on a host loaded by other jobs, "
+                    "1 keeps PyTorch's spinning thread pool from collapsing, so the two sides compare")
+    ap.add_argument("--out", help="append the result (JSON) to this file")
+    args = ap.parse_args()
+    host.pin(args.threads)
+    sides = args.sides.split(",")
+    if any(s not in SIDES for s in sides):
+        ap.error(f"--sides: choose from {SIDES}")
+    sys.path.insert(0, REPO)
+    from diffrestorer_jax import xla_cpu
+    xla_cpu.set_cpu_defaults()  # before JAX starts: what the commands run with
+    import jax
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = get_config(args.size)
+    stamp = host.stamp()  # now: the code being measured
+    print(f"{stamp}; {host.load()}; jax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    fns, build = {}, {}
+    for side in sides:
+        t0 = time.perf_counter()
+        fns[side] = theirs(config, args) if side == "theirs" else ours(config, args, side == "ours_exact")
+        fns[side]()  # warm-up: compiles ours
+        build[side] = time.perf_counter() - t0
+        print(f"{side}: built and warmed up in {build[side]:.0f} s", flush=True)
+    times = {s: [] for s in sides}
+    for _ in range(args.reps):
+        for s in sides:
+            t = time.perf_counter()
+            fns[s]()
+            times[s].append(time.perf_counter() - t)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": stamp, "load_after": host.load(),
+              "threads": args.threads or os.cpu_count(),
+              "size": args.size, "image": args.image, "batch": args.batch, "steps": args.steps,
+              "reps": args.reps, "median_s": {s: statistics.median(v) for s, v in times.items()},
+              "all_s": times, "warmup_s": build}
+    ips = {s: args.batch / v for s, v in result["median_s"].items()}
+    result["images_per_s"] = ips
+    print(json.dumps(result), flush=True)
+    print(f"{args.size}, {args.image}^2, batch {args.batch}, {args.steps} DDIM steps, {result['threads']} "
+          f"thread(s), median of {args.reps} interleaved: " + ", ".join(f"{s} {ips[s]:.3f} images/s" for s in sides))
+    if "theirs" in ips:
+        for s in sides:
+            if s != "theirs":
+                print(f"  {s} / theirs: {ips[s] / ips['theirs']:.2f}x images/s")
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
