@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -161,8 +162,18 @@ def init_sharded(init_fn: Callable, mesh: Mesh, rules: Sequence, *args,
 
 
 def shard_tree(tree, shardings):
-    """Place a host/loaded tree (e.g. converted frozen weights) onto the mesh with given shardings."""
-    return jax.device_put(tree, shardings)
+    """Place a host/loaded tree (e.g. converted frozen weights) onto the mesh with given shardings.
+
+    With several processes every process holds the whole tree (each loaded the same file) and
+    builds the global array from the shards of its own devices: `jax.device_put` refuses a
+    sharding over devices another process owns."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+    return jax.tree.map(put, tree, shardings)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -33,6 +33,15 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(multi[k], single[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_host_tree_placed_on_a_mesh_across_processes(tmp_path):
+    """What stage 2 does with the stage-1 export it starts from: each process loaded the whole tree,
+    `shard_tree` puts it on a mesh whose devices two processes own (jax.device_put refuses that)."""
+    results = procs.run_workers(procs.script("shard_tree_worker.py"), [[], []], procs.distributed_envs(2, 4),
+                                str(tmp_path), timeout=300)
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0 and f"SHARDED OK on process {i} of 2" in out, out[-3000:]
+
+
 def _two(args, tmp_path, tag):
     envs = procs.distributed_envs(2, 4)
     return [procs.Worker(WORKER, args, e, str(tmp_path / f"{tag}{i}.log")) for i, e in enumerate(envs)]
