@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import tempfile
+import sys
 import time
 from typing import Optional
 
@@ -244,59 +245,20 @@ def bench_restore_ours(args):
 
 
 def bench_restore_torch(args):
-    import diffusers
     import torch
-    import transformers
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_restore
     c = config_for(args.smoke, args.restore_batch)
     s = int(c.image_size)
     lq_nhwc = np.random.default_rng(1).random((args.restore_batch, s, s, 3), np.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.float32 if args.smoke else torch.bfloat16
-    m = c.model
-    unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.unet).items()}
-    vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.vae).items()}
-    cc = dict(m.clip)
-    ctx, hid = unet_cfg["cross_attention_dim"], m.prompt["hidden_dim"]
-    nn = torch.nn
-    with torch.device(dev):  # random init straight on the card: the CPU init of SD 1.5 is slow
-        unet = diffusers.UNet2DConditionModel(**unet_cfg)
-        control = diffusers.ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=tuple(m.control["conditioning_channels"]))
-        vae = diffusers.AutoencoderKL(**vae_cfg)
-        clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-            hidden_size=cc["hidden_size"], intermediate_size=cc["intermediate_size"],
-            num_hidden_layers=cc["num_hidden_layers"], num_attention_heads=cc["num_attention_heads"],
-            image_size=cc["image_size"], patch_size=cc["patch_size"], hidden_act=cc["hidden_act"],
-            attn_implementation="sdpa"))
-        sem = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
-                            nn.Linear(hid, hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01), nn.Linear(hid, ctx))
-        deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
-                            nn.Linear(hid, ctx))
-    for mod in (unet, control, vae, clip, sem, deg):
-        mod.to(dev, dt).eval()
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    clip_sample=False, set_alpha_to_one=False)
-    lq = torch.from_numpy(np.ascontiguousarray(lq_nhwc.transpose(0, 3, 1, 2))).to(dev, dt)
-    n, f = lq.shape[0], 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=dev, dtype=dt).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=dev, dtype=dt).view(1, 3, 1, 1)
+    # encode_lq=False: as the H100 row of 2026-11-27 was measured (the LQ's VAE encode is < 1% of it).
+    reference = torch_restore.build(c.model, dev, dt, encode_lq=False)
+    lq = torch_restore.nchw(lq_nhwc, dev, dt)
 
-    @torch.no_grad()
     def run():
-        px = torch.nn.functional.interpolate(lq, size=(cc["image_size"],) * 2, mode="bicubic", antialias=True)
-        tok = clip(pixel_values=(px - mean) / std).last_hidden_state[:, 1:]
-        p_s, p_d = sem(tok), deg(tok)
-        z = torch.randn(n, 4, lq.shape[2] // f, lq.shape[3] // f, device=dev, dtype=dt)
-        sched.set_timesteps(args.steps)
-        for t in sched.timesteps:
-            down, mid = control(z, t, p_d, controlnet_cond=lq, return_dict=False)
-            eps = unet(z, t, p_s, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                       return_dict=False)[0]
-            z = sched.step(eps, t, z, return_dict=False)[0]
-        img = vae.decode(z / vae_cfg["scaling_factor"], return_dict=False)[0]
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        return img
+        return reference(lq, args.steps)
     t = timed(run, max(1, args.reps // 3))
     record(args, part="restore_torch", device=device_name("torch"), batch=args.restore_batch, steps=args.steps,
            batch_s=t, images_per_s=args.restore_batch / t)

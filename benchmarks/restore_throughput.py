@@ -74,55 +74,11 @@ def ours(config, args, exact: bool):
 
 
 def theirs(config, args):
-    import diffusers
-    import torch
-    import transformers
-    m = config.model
-    unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.unet).items()}
-    vae_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(m.vae).items()}
-    cc = dict(m.clip)
-    ctx, hid = unet_cfg["cross_attention_dim"], m.prompt["hidden_dim"]
-    nn = torch.nn
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**unet_cfg)
-    control = diffusers.ControlNetModel.from_unet(
-        unet, conditioning_embedding_out_channels=tuple(m.control["conditioning_channels"]))
-    vae = diffusers.AutoencoderKL(**vae_cfg)
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=cc["hidden_size"], intermediate_size=cc["intermediate_size"],
-        num_hidden_layers=cc["num_hidden_layers"], num_attention_heads=cc["num_attention_heads"],
-        image_size=cc["image_size"], patch_size=cc["patch_size"], hidden_act=cc["hidden_act"],
-        attn_implementation="sdpa"))
-    sem = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
-                        nn.Linear(hid, hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01), nn.Linear(hid, ctx))
-    deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
-                        nn.Linear(hid, ctx))
-    for mod in (unet, control, vae, clip, sem, deg):
-        mod.eval()
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    """The PyTorch reference (torch_restore.py), float32, on this CPU."""
+    import torch_restore
+    run = torch_restore.build(config.model)
     lq_nhwc = np.random.default_rng(1).random((args.batch, args.image, args.image, 3), np.float32)
-    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def run():
-        lq = torch.from_numpy(np.ascontiguousarray(lq_nhwc.transpose(0, 3, 1, 2)))
-        px = torch.nn.functional.interpolate(lq, size=(cc["image_size"],) * 2, mode="bicubic", antialias=True)
-        tok = clip(pixel_values=(px - mean) / std).last_hidden_state[:, 1:]
-        p_s, p_d = sem(tok), deg(tok)
-        z = torch.randn(lq.shape[0], vae_cfg["latent_channels"], lq.shape[2] // f, lq.shape[3] // f)
-        sched.set_timesteps(args.steps)
-        for t in sched.timesteps:
-            down, mid = control(z, t, p_d, controlnet_cond=lq, return_dict=False)
-            eps = unet(z, t, p_s, down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                       return_dict=False)[0]
-            z = sched.step(eps, t, z, return_dict=False)[0]
-        vae.encode(lq * 2 - 1)  # the LQ features our decoder fuses (see the docstring)
-        img = vae.decode(z / vae_cfg["scaling_factor"], return_dict=False)[0]
-        return img.permute(0, 2, 3, 1).numpy()
-    return run
+    return lambda: run(torch_restore.nchw(lq_nhwc), args.steps).permute(0, 2, 3, 1).numpy()
 
 
 def main():

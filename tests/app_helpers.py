@@ -57,9 +57,10 @@ def multipart(files: Sequence[Tuple[str, bytes]], fields: Dict[str, str] = None)
     return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
-# The programs every app test module warms (1 sampling step, batches of 1 and 2, the model's 64 x 64):
+# The programs every app test module warms (1 sampling step, batches of 1 and 2, the model's 64 x 64;
+# --exact, so an image's output is the same bit for bit in any batch):
 # the first module compiles them into a compilation cache shared by the session, the others load them.
-WARM_ARGS = ["--steps", "1", "--batch-size", "2", "--warm", "64x64"]
+WARM_ARGS = ["--steps", "1", "--batch-size", "2", "--warm", "64x64", "--exact"]
 
 
 @contextlib.contextmanager
@@ -103,7 +104,7 @@ class AppServer:
 
     def __init__(self, args: Sequence[str], cache_dir: str, checkpoint=DEMO_CHECKPOINT, env=None):
         self.cmd = [sys.executable, "-m", "diffrestorer_jax.cli.app", "--checkpoint", str(checkpoint),
-                    "--port", "0", "--compilation-cache", str(cache_dir), *args]
+                    "--port", "0", "--compile-cache", str(cache_dir), *args]
         # One CPU device (the suite's conftest asks for 8 fake ones), no LLVM optimisation: compiles
         # dominate these tests and the tiny model runs as fast without it.
         self.env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",

@@ -5,18 +5,6 @@ from typing import Dict, Tuple
 
 from diffrestorer_jax.infer.restorer import Options, Restorer
 
-BATCH_MODES = ("auto", "map", "vmap")
-
-
-class AppRestorer(Restorer):
-    """A Restorer whose programs run their batch as `batch_mode` ('map': images one by one, each
-    identical bit for bit to the command-line restore of the same file; 'vmap': the batch at once,
-    faster on accelerators, equal to ~1e-6)."""
-    batch_mode = "map"
-
-    def settings_for(self, bucket):
-        return dataclasses.replace(super().settings_for(bucket), batch_mode=self.batch_mode)
-
 
 def batch_sizes(max_batch: int, num_devices: int) -> Tuple[int, ...]:
     """Powers of two (times the device count) up to max_batch, rounded as Restorer rounds it."""
@@ -44,9 +32,8 @@ class RestorerPool:
     process by the library, so a new seed or fidelity reuses the compiled program.
     """
 
-    def __init__(self, base: Restorer, batch_mode: str, max_restorers: int = 64):
+    def __init__(self, base: Restorer, max_restorers: int = 64):
         self.base = base
-        self.batch_mode = batch_mode
         self.max_restorers = max_restorers
         self._lock = threading.Lock()
         self._restorers: Dict[Tuple, Restorer] = {}
@@ -59,8 +46,7 @@ class RestorerPool:
             r = self._restorers.pop(key, None)
             if r is None:
                 b = self.base
-                r = AppRestorer(b.config, b.nets, b.params, options, source=b.source)
-                r.batch_mode = self.batch_mode
+                r = Restorer(b.config, b.nets, b.params, options, source=b.source)
             self._restorers[key] = r  # most recently used last
             while len(self._restorers) > self.max_restorers:
                 self._restorers.pop(next(iter(self._restorers)))

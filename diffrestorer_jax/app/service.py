@@ -23,7 +23,6 @@ from diffrestorer_jax.infer.restorer import Restorer, RestoreError, path_image_i
 @dataclasses.dataclass
 class AppConfig:
     batch_size: int = 4  # largest batch; powers of two below it are compiled too
-    batch_mode: str = "map"
     batch_wait_ms: float = 20.0
     max_upload_bytes: int = 32 << 20
     max_pixels: int = 2048 * 2048
@@ -58,12 +57,15 @@ class App:
 
     def __init__(self, restorer: Restorer, config: AppConfig = AppConfig(), log: Callable[[str], None] = print):
         self.restorer, self.config, self.log = restorer, config, log
-        self.pool = RestorerPool(restorer, config.batch_mode)
+        self.pool = RestorerPool(restorer)
         self.batcher = Batcher(self.pool, config.batch_size, wait_s=config.batch_wait_ms / 1000.0,
                                max_pending=config.max_pending, idle_warm=config.idle_warm, log=log)
         self.jobs = jobs.JobStore(config.keep_jobs, config.keep_bytes)
         self.samples = samples.SamplePhotos(int(restorer.config.get("image_size", 512)))
         self.defaults = restorer.options
+        # Server-wide, from the command's --exact: an image's rows alone (bit for bit its output in
+        # any batch) or the batch through the networks together (equal to float rounding).
+        self.batch_mode = "exact" if restorer.options.exact else "batched"
         self.started = time.time()
 
     def start(self) -> None:
@@ -101,7 +103,7 @@ class App:
                        "max_images": self.config.max_images, "max_steps": self.config.limits.max_steps,
                        "max_samples": self.config.limits.max_samples,
                        "max_fidelity": self.config.limits.max_fidelity},
-            "batching": {"batch_mode": self.config.batch_mode, **self.batcher.snapshot()},
+            "batching": {"batch_mode": self.batch_mode, **self.batcher.snapshot()},
             "memory": {"rss_bytes": rss_bytes(), "jobs_kept": len(self.jobs), "jobs_bytes": self.jobs.nbytes()},
             "uptime_s": round(time.time() - self.started, 1),
         }
@@ -161,7 +163,7 @@ class App:
                 common = self.pool.get(options).describe()
                 common["batch_size"] = info["call_batch_size"]
                 sidecar = {"input": entry.name, "output": f"{safe_stem(entry.name)}_restored.png", **info,
-                           **common, "batch_mode": self.config.batch_mode, "job": job.id}
+                           **common, "batch_mode": self.batch_mode, "job": job.id}
                 job.update(k, state=jobs.DONE, restored_png=encode_png(restored), sidecar=sidecar, work=None)
             if job.finished:
                 self.jobs.trim()

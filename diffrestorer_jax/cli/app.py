@@ -10,7 +10,6 @@ restore flags set the page's defaults; see diffrestorer_jax/app/ for how request
 """
 import argparse
 import errno
-import os
 import re
 import signal
 import sys
@@ -18,11 +17,8 @@ import threading
 
 from diffrestorer_jax.cli import restore_options, startup
 
-DEFAULT_CACHE = os.path.join("~", ".cache", "diffrestorer_jax", "jax_cache")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffrestorer_jax.app.pool import BATCH_MODES
     p = argparse.ArgumentParser(prog="diffrestorer-app", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="export directory (config.json + params/)")
@@ -32,10 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free port")
     restore_options.add_options(p)
     p.set_defaults(batch_size=4)
-    p.add_argument("--batch-mode", choices=BATCH_MODES, default="auto",
-                   help="map: a batch's images one by one, each identical to diffrestorer-restore's output; "
-                        "vmap: all at once, faster on accelerators (equal to ~1e-6); auto: vmap on "
-                        "GPU/TPU, map on CPU")
     p.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="how long an idle server waits for concurrent uploads to fill a batch (default 20)")
     p.add_argument("--warm", default="native",
@@ -43,9 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "or HxW[,HxW...]")
     p.add_argument("--no-idle-warm", action="store_true",
                    help="do not compile the other batch sizes of a new size while idle")
-    p.add_argument("--compilation-cache", default=None,
-                   help=f"JAX persistent compilation cache folder (default: $JAX_COMPILATION_CACHE_DIR or "
-                        f"{DEFAULT_CACHE}); 'none' turns it off")
     p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest request body (default 32)")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048,
                    help="largest image accepted, in pixels (default 2048x2048)")
@@ -85,29 +74,13 @@ def check_args(args) -> None:
         raise UsageError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
 
 
-def enable_compilation_cache(folder) -> str:
-    """Point JAX's persistent compilation cache at folder (before anything compiles); '' when off."""
-    import jax
-    folder = folder or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
-    if folder == "none":
-        return ""
-    folder = os.path.abspath(os.path.expanduser(folder))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--compilation-cache {folder}: {e.strerror or e}") from None
-    jax.config.update("jax_compilation_cache_dir", folder)
-    return folder
-
-
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     startup.prepare_process()
     startup.quiet_console()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     from diffrestorer_jax.app import server, service
-    from diffrestorer_jax.app.pool import AppRestorer
-    from diffrestorer_jax.infer.restorer import RestoreError
+    from diffrestorer_jax.infer.restorer import Restorer, RestoreError
     httpd = None
     try:
         check_args(args)
@@ -119,14 +92,12 @@ def main(argv=None) -> int:
             raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}"
                              + (" (another server is there; choose another --port)"
                                 if getattr(e, "errno", None) == errno.EADDRINUSE else "")) from None
-        cache = enable_compilation_cache(args.compilation_cache)
-        restorer = AppRestorer.from_export(args.checkpoint, restore_options.options_from_args(args), overrides)
+        cache = restore_options.enable_compile_cache(args)
+        restorer = Restorer.from_export(args.checkpoint, restore_options.options_from_args(args), overrides)
         platform = restorer.mesh.devices.flat[0].platform
-        mode = args.batch_mode if args.batch_mode != "auto" else ("map" if platform == "cpu" else "vmap")
-        restorer.batch_mode = mode
         native = int(restorer.config.get("image_size", 512))
         config = service.AppConfig(
-            batch_size=args.batch_size, batch_mode=mode, batch_wait_ms=args.batch_wait_ms,
+            batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
             max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
             max_images=args.max_images, max_pending=args.max_queue, keep_jobs=args.keep_jobs,
             keep_bytes=int(args.keep_mb * 2 ** 20), warm_sizes=[(native, native)] if sizes is None else sizes,
@@ -143,7 +114,7 @@ def main(argv=None) -> int:
     if not server.is_loopback(host):
         log(f"warning: listening on {host}: anyone who can reach this machine can use the app (no authentication)")
     log(f"checkpoint {restorer.source}; {platform} x{restorer.num_devices}; batches up to "
-        f"{app.batcher.sizes[-1]} ({mode}); compilation cache: {cache or 'off'}")
+        f"{app.batcher.sizes[-1]} ({app.batch_mode}); compilation cache: {cache or 'off'}")
     print(f"serving on http://{shown}:{port}/", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -116,18 +116,18 @@ def test_concurrent_requests_share_compiled_calls(app):
 
 
 def test_same_output_as_the_command_line(app, tmp_path):
-    """The app's result for a file equals diffrestorer-restore's for that file, settings and name (the
-    command loads the app's compiled program from the shared compilation cache, so it is quick)."""
+    """The app's result for a file equals diffrestorer-restore's for that file, settings and name, both
+    --exact (the command loads the app's compiled program from the shared compilation cache, so it is
+    quick)."""
     image = random_image(61, 58, seed=40)
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "same.png").write_bytes(png_bytes(image))
     item = app.restore([("same.png", png_bytes(image))], {"seed": "5"})["images"][0]
-    cache = app.cmd[app.cmd.index("--compilation-cache") + 1]
+    cache = app.cmd[app.cmd.index("--compile-cache") + 1]
     proc = subprocess.run([*procs.command("diffrestorer-restore"), "--checkpoint", str(DEMO_CHECKPOINT),
                            "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--steps", "1",
-                           "--seed", "5", "--devices", "1", "--no-progress"],
-                          capture_output=True, text=True, timeout=600, cwd=str(ROOT),
-                          env=dict(app.env, JAX_COMPILATION_CACHE_DIR=cache))
+                           "--seed", "5", "--devices", "1", "--no-progress", "--exact", "--compile-cache", cache],
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT), env=app.env)
     assert proc.returncode == 0, proc.stderr
     cli = decode_png((tmp_path / "out" / "same.png").read_bytes())
     assert np.array_equal(decode_png(app.get(item["restored_url"]).body), cli)
@@ -265,7 +265,7 @@ def test_new_size_compiles_once_and_never_again(app):
 
 
 def test_restart_loads_programs_from_the_compilation_cache(app):
-    second = AppServer(WARM_ARGS + ARGS, app.cmd[app.cmd.index("--compilation-cache") + 1]).start()
+    second = AppServer(WARM_ARGS + ARGS, app.cmd[app.cmd.index("--compile-cache") + 1]).start()
     try:
         s = second.wait_ready()
         assert s["batching"]["compiles"] == 2 and s["batching"]["cache_hits"] == 2
@@ -331,7 +331,7 @@ def test_command_line_mistakes_get_one_line(args, message):
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(DEMO_CHECKPOINT)] + args
     try:
-        proc = subprocess.run([sys.executable, "-m", "diffrestorer_jax.cli.app", "--compilation-cache", "none", *args],
+        proc = subprocess.run([sys.executable, "-m", "diffrestorer_jax.cli.app", "--compile-cache", "none", *args],
                               capture_output=True, text=True, timeout=120, cwd=str(ROOT),
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
     finally:
