@@ -42,7 +42,9 @@ def build(model, device: str = "cpu", dtype=None, encode_lq: bool = True):
         deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
                             nn.Linear(hid, ctx))
     for mod in (unet, control, vae, clip, sem, deg):
-        mod.to(device, dtype).eval()
+        if dtype != torch.float32:  # (built in float32 on `device`)
+            mod.to(dtype)
+        mod.eval()
     sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
