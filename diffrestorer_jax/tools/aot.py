@@ -213,7 +213,10 @@ def compile_restore(config, devices, batch: int, steps: int, count_model_flops: 
               "mesh": dict(mesh.shape), "batch": batch,
               "remat": config.model.remat_policy, "lower_s": t1 - t0, "compile_s": t2 - t1,
               "memory": _memory(compiled), "xla_flops_per_chip": _cost(compiled).get("flops", float("nan")),
-              "xla_flops_note": "loop bodies counted once: one image, one denoising step",
+              # XLA counts a loop body once: the sampler's scan is one denoising step, and in exact
+              # mode the per-row map is one image; batched, the chip's rows are one batch.
+              "xla_flops_note": ("loop bodies counted once: one image, one denoising step" if exact else
+                                 "loop bodies counted once: the chip's images, one denoising step"),
               "chips": len(devices), "images_per_step": batch, "steps": steps}
     if count_model_flops:
         parts = model_flops_restore(config, batch, steps)
