@@ -18,10 +18,10 @@ SIZE = 139
 
 def fidelity_inception():
     """torch-fidelity's FeatureExtractorInceptionV3 module, without its torchvision-importing package init."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        pytest.skip("pip install --no-deps torch-fidelity==0.4.0 (the FID Inception reference)")
-    if "torch_fidelity" not in sys.modules:
+    if "torch_fidelity" not in sys.modules:  # (find_spec refuses the registered folder: no __spec__)
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None:
+            pytest.skip("pip install --no-deps torch-fidelity==0.4.0 (the FID Inception reference)")
         package = types.ModuleType("torch_fidelity")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["torch_fidelity"] = package
