@@ -11,6 +11,14 @@ from diffrestorer_jax.tools import aot  # noqa: E402
 from mini_config import mini_tiny  # noqa: E402
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (find_spec raises, not returns None, when a parent is missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def test_topology_names():
     s = topology.tpu_spec("v5e-256")
     assert (s.chips, s.topology_name, s.chip_config_name) == (256, "v5e:16x16", "default")
@@ -82,7 +90,7 @@ def test_gpu_cards_as_target_configs():
     assert topology.accelerator("v5e-256") is topology.GENERATIONS["v5e"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+@pytest.mark.skipif(not _installed("jax_plugins.xla_cuda12"),
                     reason="needs the CUDA PJRT plugin (pip extra gpu_aot)")
 def test_tiny_stage1_compiles_for_h100x8():
     c = _mini_tiny()
