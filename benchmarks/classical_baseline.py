@@ -34,16 +34,15 @@ def table(rows, methods):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--photos", nargs="*", default=None, help="default: the held-out photos (coffee, rocket)")
-    ap.add_argument("--size", type=int, default=None, help="default: the demo checkpoint's image size")
+    ap.add_argument("--size", type=int, default=None, help="default: the demo's size (tools.demo.DEMO_SIZE)")
     ap.add_argument("--seed", type=int, default=0, help="degradation seed (the demo's default: 0)")
     ap.add_argument("--out", default=None, help="also write <out>/classical.md and classical.json")
     args = ap.parse_args(argv)
     from diffrestorer_jax.data import demo_photos
-    from diffrestorer_jax.export import load_config
     from diffrestorer_jax.metrics import classical
     from diffrestorer_jax.tools import demo
     photos = tuple(args.photos) if args.photos else demo_photos.HELD_OUT
-    size = args.size or int(load_config(demo.DEFAULT_CHECKPOINT).image_size)
+    size = args.size or demo.DEMO_SIZE
     clean, lq, names = demo.degrade_photos(photos, size, args.seed)
     rows = classical.anchor(clean, lq, names)
     methods = list(classical.METHODS)

@@ -34,8 +34,9 @@ def test_demo_gallery_and_metrics(tmp_path):
     assert demo_cli.main(["--checkpoint", CHECKPOINT, "--out", str(out), "--size", "32", "--steps", "1",
                           "--color-fix", "auto"]) == 0
     gallery = read_image(str(out / "gallery.png"))
-    # 9 rows (8 types + mixed) of 32 px, 6 columns (2 photos x degraded | restored | clean)
-    assert gallery.shape[0] >= 9 * 32 and gallery.shape[1] >= 6 * 32
+    # 9 rows (8 types + mixed) of 32 px with a caption line each, 6 columns (2 photos x degraded |
+    # restored | clean)
+    assert gallery.shape[0] >= 9 * (32 + 12) and gallery.shape[1] >= 6 * 32
     assert gallery.std() > 0.05
     text = (out / "metrics.md").read_text()
     data = json.loads((out / "metrics.json").read_text())
@@ -48,6 +49,12 @@ def test_demo_gallery_and_metrics(tmp_path):
         for k in ("ssim_degraded", "ssim_restored"):
             assert -1.0 <= r[k] <= 1.0, r
     assert "steps" in text and "strength" in text and "colour fix auto" in text
+    # the type the model predicted for each photo, and the classical anchor beside it
+    from diffrestorer_jax.data.degradations import DEGRADATION_TYPES
+    for r in data["rows"]:
+        assert len(r["predicted"]) == 2 and set(r["predicted"]) <= set(DEGRADATION_TYPES), r
+        assert r["classical_method"] in text and np.isfinite(r["classical_psnr"]), r
+    assert data["goals"]["rows"] == 9 and "Ahead of the classical anchor on" in text
 
 
 def test_demo_input_mode(tmp_path):

@@ -45,3 +45,17 @@ def test_importing_the_package_changes_no_flags():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "None"
+
+
+def test_prepare_process_sets_the_backend_level_unless_given(monkeypatch):
+    from diffrestorer_jax.cli import startup
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    startup.prepare_process(backend_optimization_level=1)
+    flags = os.environ["XLA_FLAGS"]
+    assert "--xla_backend_optimization_level=1" in flags and "--xla_force_host_platform_device_count=2" in flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    startup.prepare_process(backend_optimization_level=0)  # the user's own setting wins
+    assert "level=0" not in os.environ["XLA_FLAGS"]
+    monkeypatch.setenv("XLA_FLAGS", "")
+    startup.prepare_process()
+    assert "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]
