@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from diffrestorer_jax.app.pool import RestorerPool, batch_sizes, settings_key
+from diffrestorer_jax.infer.compile_cache import CompileClock
 from diffrestorer_jax.infer.restorer import Options, Restorer
 from diffrestorer_jax.parallel.sharding import CompileCounter
 
@@ -80,13 +81,17 @@ class Batcher:
         self._stop = False
         self._last_activity = time.monotonic()
         self._counter = CompileCounter("restore_bucket")
-        _CacheHits.listen()
+        self._clock = CompileClock()  # persistent-cache hits while the worker runs (JAX's events)
+        self._listening = False
         self._thread = threading.Thread(target=self._run, name="restore-batcher", daemon=True)
 
     # ------------------------------------------------------------------ public, any thread
     def start(self, warm: List[Tuple[Options, Tuple[int, int]]] = ()) -> None:
         """Start the worker; it first compiles every batch size for each (options, (h, w)) in warm."""
         self._warm_list = list(warm)
+        if not self._listening:
+            self._clock.__enter__()
+            self._listening = True
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -94,6 +99,9 @@ class Batcher:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self._listening:
+            self._clock.__exit__(None, None, None)
+            self._listening = False
 
     def program_of(self, options: Options, height: int, width: int) -> Tuple[Tuple, Tuple]:
         """(group, program) of an image; raises RestoreError for options the model cannot run."""
@@ -227,7 +235,7 @@ class Batcher:
                 self._cond.wait(self.idle_s - idle if self.idle_warm and self._missing() else None)
 
     def _compile_events(self) -> Tuple[int, int]:
-        return self._counter.count, _cache_hits()
+        return self._counter.count, self._clock.cache_hits
 
     def _account(self, before: Tuple[int, int]) -> bool:
         compiles, hits = self._compile_events()
@@ -301,24 +309,4 @@ class Batcher:
             info = dict(info, call=call, call_rows=len(works), call_batch_size=b,
                         call_seconds=round(seconds, 3), compiled_in_call=compiled)
             w.done(restored, info, None)
-
-
-def _cache_hits() -> int:
-    return _CacheHits.count
-
-
-class _CacheHits:
-    """Counts JAX's persistent-cache hit events (process-wide)."""
-    count = 0
-    registered = False
-
-    @classmethod
-    def listen(cls) -> None:
-        import jax
-        if not cls.registered:
-            def on_event(event: str, **kwargs) -> None:
-                if event == "/jax/compilation_cache/cache_hits":
-                    cls.count += 1
-            jax.monitoring.register_event_listener(on_event)
-            cls.registered = True
 
