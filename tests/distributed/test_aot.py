@@ -70,6 +70,7 @@ def test_model_flops_count_the_global_work_once():
     c.train.batch_size = 4
     c.model.remat_policy = "full"
     c.model.attention_impl = "pallas_tpu"  # a kernel call would hide its FLOPs: counted as XLA dots
+    c.mesh.data, c.mesh.fsdp = -1, 64  # a pod config's mesh: the count runs on one CPU device all the same
     four = aot.model_flops_train(c, paired=True)
     assert two > 1e6 and four == pytest.approx(2 * two, rel=0.01)
     r = aot.model_flops_restore(c, batch=4, steps=3)
