@@ -134,13 +134,3 @@ def write_folder(out_dir: str, count: int, size: int = 192, seed: int = 0, palet
         write_png(os.path.join(out_dir, f"{prefix}_{i:05d}.png"), image)
     return count
 
-
-if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="write procedural dead-leaves training images")
-    parser.add_argument("out_dir")
-    parser.add_argument("--count", type=int, default=500)
-    parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(f"wrote {write_folder(args.out_dir, args.count, args.size, args.seed)} dead-leaves images to {args.out_dir}")

@@ -38,3 +38,15 @@ def test_write_folder(tmp_path):
     img = read_image(str(tmp_path / files[1]))
     want = dead_leaves.dead_leaves(np.random.default_rng([5, 1]), 32, _palette())
     np.testing.assert_allclose(img, want, atol=1 / 255 + 1e-6)
+
+
+def test_cli_writes_the_images_write_folder_gives(tmp_path):
+    """`python -m diffrestorer_jax.cli.demo_photos DIR --dead-leaves N` (the demo recipe's data)."""
+    from diffrestorer_jax.cli import demo_photos
+    from diffrestorer_jax.data.image_io import read_image
+    assert demo_photos.main([str(tmp_path / "cli"), "--dead-leaves", "2", "--size", "32", "--seed", "3"]) == 0
+    dead_leaves.write_folder(str(tmp_path / "lib"), 2, size=32, seed=3)
+    for i in range(2):
+        name = f"dead_leaves_{i:05d}.png"
+        np.testing.assert_array_equal(read_image(str(tmp_path / "cli" / name)), read_image(str(tmp_path / "lib" / name)))
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["dead_leaves_00000.png", "dead_leaves_00001.png"]
