@@ -29,8 +29,6 @@ S2_STEPS=${S2_STEPS:-1200}
 CONFIG=configs/tiny.py
 PHOTOS="$RUN_DIR/photos"
 DEAD_LEAVES="$RUN_DIR/dead_leaves"
-# The tiny CPU model compiles its steps with XLA's backend optimisations off: compiling is most of
-# the time at this size, and the step runs at much the same speed.
 COMMON=(--config.train.checkpoint_every=50 --config.train.log_every=10 --config.train.sample_every=0
         # a few hundred steps: the EMA (what is exported) must forget the random init quickly
         --config.train.ema_decay=0.9 --config.train.warmup_steps=10)
@@ -38,7 +36,12 @@ COMMON=(--config.train.checkpoint_every=50 --config.train.log_every=10 --config.
 start=$(date +%s)
 mkdir -p "$RUN_DIR"
 python -m diffrestorer_jax.cli.demo_photos "$PHOTOS"
-python -m diffrestorer_jax.cli.demo_photos "$DEAD_LEAVES" --dead-leaves 600 --size 192 --seed 0
+# 600 dead-leaves images take a few minutes to draw: kept when a previous run wrote them all
+if [ "$(find "$DEAD_LEAVES" -name 'dead_leaves_*.png' 2>/dev/null | wc -l)" -ne 600 ]; then
+  python -m diffrestorer_jax.cli.demo_photos "$DEAD_LEAVES" --dead-leaves 600 --size 192 --seed 0
+fi
+# Stages 1-3 compile with XLA's backend optimisations off: compiling is most of their time at this
+# size, and their steps run at much the same speed.
 PHOTO_DATA=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
 
 stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
