@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
         # stages 1 and 2: random intensity levels of clean images before degrading them, with this
         # probability per image (0 = off; data/photometric.py)
         hq_levels_prob=0.0, hq_levels_min_contrast=0.3,
+        # stages 1 and 2: degrade clean images of this side whole, prompts from the whole image, and
+        # train on an image_size crop, as tiled inference of larger images (0 = off; data/context_crop.py)
+        degrade_size=0,
         kl_weight=1e-6,  # prior_vae: KL weight of the from-scratch VAE (LDM KL-f8's)
         log_every=50, checkpoint_every=1000, keep_checkpoints=3, sample_every=5000))
 

@@ -9,10 +9,12 @@
 #   3. stage1      visual prompt processor + control module (UNet, VAE, CLIP frozen)
 #   4. stage2      the degradation-aware decoder
 # Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
-# close-ups, written to a folder); coffee and rocket are held out for `make demo`.
+# close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stage 4 (never
+# seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for about an hour on a small CPU (from scratch: 3924 s on a 2-core CPU VM, see
-# demo/README.md; compiling is a minute or two of each stage).
+# Step counts are sized for about two hours on a small CPU (see demo/README.md for the measured wall
+# time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its last
+# checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
 # Override them with the environment:
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
@@ -23,19 +25,24 @@ OUT=${OUT:-demo/checkpoint}
 VAE_STEPS=${VAE_STEPS:-400}
 UNET_STEPS=${UNET_STEPS:-200}
 S1_STEPS=${S1_STEPS:-1000}
-S2_STEPS=${S2_STEPS:-250}
+S2_STEPS=${S2_STEPS:-1200}
 CONFIG=configs/tiny.py
 PHOTOS="$RUN_DIR/photos"
-# The tiny CPU model compiles its steps with XLA's backend optimisations off: compiling is most of
-# the time at this size, and the step runs at much the same speed.
-COMMON=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS"
-        --config.train.checkpoint_every=50 --config.train.log_every=10 --config.train.sample_every=0
+DEAD_LEAVES="$RUN_DIR/dead_leaves"
+COMMON=(--config.train.checkpoint_every=50 --config.train.log_every=10 --config.train.sample_every=0
         # a few hundred steps: the EMA (what is exported) must forget the random init quickly
         --config.train.ema_decay=0.9 --config.train.warmup_steps=10)
 
 start=$(date +%s)
 mkdir -p "$RUN_DIR"
 python -m diffrestorer_jax.cli.demo_photos "$PHOTOS"
+# 600 dead-leaves images take a few minutes to draw: kept when a previous run wrote them all
+if [ "$(find "$DEAD_LEAVES" -name 'dead_leaves_*.png' 2>/dev/null | wc -l)" -ne 600 ]; then
+  python -m diffrestorer_jax.cli.demo_photos "$DEAD_LEAVES" --dead-leaves 600 --size 192 --seed 0
+fi
+# Stages 1-3 compile with XLA's backend optimisations off: compiling is most of their time at this
+# size, and their steps run at much the same speed.
+PHOTO_DATA=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
 
 stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
   local name=$1 steps=$2 lr=$3 init=$4
@@ -49,21 +56,28 @@ stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
   echo "== $name took $(( $(date +%s) - t0 )) s"
 }
 
-stage prior_vae "$VAE_STEPS" 2e-3 ""
-stage prior_unet "$UNET_STEPS" 1e-3 "$RUN_DIR/prior_vae/export"
-stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export"
-# No PatchGAN for the demo (tiny.py turns it on at step 100; in a longer trial it doubled the decoder's
-# L1 within 30 steps). The decoder sees VAE(HQ) latents and the stage-1 model's own 10-step DDIM
-# samples (the latents `make demo` hands it) half and half: trained on VAE(HQ) latents alone it trusted
-# the sampler's poor latents and lost 10-17 dB against the input. It fuses the LQ image itself and
-# outputs a correction of it (image_fusion_base=lq), trained for per-image PSNR (decoder_pixel_loss=psnr)
-# so a mildly degraded input weighs as much as a heavily degraded one. Half its clean crops get random
-# intensity levels (hq_levels_prob: narrower, brighter or darker ranges) before they are degraded:
-# without them it took low-contrast clean photos (a white clock face, a rocket at night) for haze or low
-# light and shifted their brightness, losing up to 30 dB on them. See demo/README.md.
-stage stage2 "$S2_STEPS" 1e-3 "$RUN_DIR/stage1/export" --config.train.gan_start_step=1000000 \
-  --config.train.decoder_sample_steps=10 --config.model.decoder.image_fusion_base=lq \
-  --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.5
+stage prior_vae "$VAE_STEPS" 2e-3 "" "${PHOTO_DATA[@]}"
+stage prior_unet "$UNET_STEPS" 1e-3 "$RUN_DIR/prior_vae/export" "${PHOTO_DATA[@]}"
+stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export" "${PHOTO_DATA[@]}"
+# Stage 2, the degradation-aware decoder (demo/README.md, "Towards a checkpoint that restores", has
+# the runs behind each choice). No PatchGAN (in a longer trial it doubled the decoder's L1 within 30
+# steps). It is trained on exactly the latents `make demo` hands it, 10-step DDIM samples from noise
+# (decoder_predicted_prob=1, decoder_sample_steps=10): trained on VAE(HQ) or one-step latents it trusted
+# them and imprinted their texture and tint on unseen photos. Its clean images are dead leaves, which
+# the prior never saw, degraded at 128 px and cropped to the 64-px training size (degrade_size: the
+# degradations and the prompts of a 128-px photo that `make demo` restores by 64-px tiles). Six in ten
+# clean crops get random intensity levels first (hq_levels_prob), so bright flat and dark clean images
+# are seen and left alone. A larger decoder (RDB growth 16, image-level fusion 64 wide) outputs a
+# correction of the LQ image (image_fusion_base=lq), trained for per-image PSNR (decoder_pixel_loss=psnr)
+# so a mildly degraded input weighs as much as a heavily degraded one. XLA's CPU backend at -O1 here:
+# the 10-step sampler inside the step runs much faster than at -O0 and compiles in about a minute.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=1" \
+stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" \
+  --config.data.kind=hq_folder "--config.data.hq_dir=$DEAD_LEAVES" --config.train.gan_start_step=1000000 \
+  --config.model.decoder.image_fusion_base=lq --config.model.decoder.image_fusion_width=64 \
+  --config.model.decoder.rdb_convs=5 --config.model.decoder.rdb_growth=16 \
+  --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.6 --config.train.degrade_size=128 \
+  --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10
 
 # The data is indexed by step and every key derives from the seed, so a re-run can give the very
 # same parameters: a from-scratch run on a 2-core CPU VM gave the shipped ones bit for bit (demo/README.md;

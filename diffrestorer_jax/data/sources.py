@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from diffrestorer_jax import paths
+from diffrestorer_jax.data import context_crop
 from diffrestorer_jax.data import pipeline as pl
 from diffrestorer_jax.data.image_io import IMAGE_EXTENSIONS
 
@@ -95,7 +96,7 @@ class StepIndexedImages:
 
 def load_training_images(config) -> np.ndarray:
     """HQ images for the in-memory source: scikit-image's photos ('skimage') or a folder."""
-    size = int(config.image_size)
+    size = context_crop.data_size(config)
     load = int(round(size * 1.5))
     kind = config.data.kind
     if kind == "skimage":
@@ -183,7 +184,7 @@ class PipelineBatches:
 def pipeline_config(config) -> ml_collections.ConfigDict:
     """The grain pipeline's settings from the run config (crop, global batch, seed, flip, threads)."""
     c = pl.default_pipeline_config()
-    c.crop_size, c.global_batch_size = int(config.image_size), int(config.train.batch_size)
+    c.crop_size, c.global_batch_size = context_crop.data_size(config), int(config.train.batch_size)
     c.seed, c.flip = int(config.seed), bool(config.data.flip)
     c.num_threads, c.prefetch_buffer = int(config.data.num_threads), int(config.data.prefetch)
     c.device_prefetch = int(config.data.device_prefetch)
@@ -232,7 +233,7 @@ def make_data(config, batch_layout: Optional[Callable[[Dict[str, np.ndarray]], D
     train run fixes them, so the compiled step gets the very same objects); without, it yields host
     numpy batches. The in-memory source always yields host batches.
     """
-    b, size = int(config.train.batch_size), int(config.image_size)
+    b, size = int(config.train.batch_size), context_crop.data_size(config)
     if config.data.kind != "tfds":
         return StepIndexedImages(load_training_images(config), b, size, int(config.seed),
                                  bool(config.data.flip))

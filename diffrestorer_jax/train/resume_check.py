@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 REFUSED = ("stage", "seed", "image_size", "model.", "data.", "degradation.", "diffusion.", "weights.",
-           "train.batch_size", "train.grad_accum_steps")
+           "train.batch_size", "train.grad_accum_steps", "train.degrade_size")
 # Inside the refused sections but not what the run computes: how fast it reads or runs.
 ALLOWED = ("data.num_threads", "data.prefetch", "data.device_prefetch", "model.attention_impl",
            "model.remat_policy")

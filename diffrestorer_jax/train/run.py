@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 import jax
 import numpy as np
 
-from diffrestorer_jax.data import sources
+from diffrestorer_jax.data import context_crop, sources
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import mesh as mesh_lib
@@ -100,7 +100,8 @@ class Run:
     def example_batch(self, keys=sources.HQ_ONLY_KEYS) -> Dict[str, np.ndarray]:
         """Zeros laid out like this run's batches with `keys` (default: clean images, degraded in
         the step; `sources.PAIRED_KEYS` bring their LQ)."""
-        return sources.example_batch(keys, int(self.config.train.batch_size), int(self.config.image_size))
+        return sources.example_batch(keys, int(self.config.train.batch_size),
+                                     context_crop.data_size(self.config))
 
     def batch_layout(self, example: Dict[str, Any]) -> Dict[str, jax.sharding.NamedSharding]:
         """The batch's shardings, fixed by the first layout given: the compiled step and the input

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from diffrestorer_jax.data import degradations, photometric
+from diffrestorer_jax.data import context_crop, degradations, photometric
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.diffusion.losses import diffusion_loss
 from diffrestorer_jax.models import diffrestorer as dr
@@ -113,18 +113,23 @@ def make_step(nets: dr.Networks, config, tx, schedule):
     if not 0.0 <= p_null <= 1.0:
         raise ValueError(f"train.null_prompt_prob={p_null}: a probability in [0, 1]")
 
+    crop = context_crop.degrade_size(config) > 0  # degrade a larger image, train on a crop of it
+
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
-        # keys beyond the 4th only with their option, so a run without it draws what it always did
-        keys = st.step_keys(state, batch["index"], 4 + int(levels) + int(p_null > 0))
+        # keys beyond the 4th only with their option (levels, null prompts, crop, in that order), so
+        # a run without an option draws what it did before the option existed
+        keys = st.step_keys(state, batch["index"], 4 + int(levels) + int(p_null > 0) + int(crop))
         k_deg, k_lat, k_t, k_noise = keys[:4]
         if levels:
             batch = dict(batch, hq=augment_hq(config, batch, keys[4]))
         hq = batch["hq"].astype(jnp.float32)
         lq, labels = lq_and_labels(config, degrade_fn, batch, k_deg)
+        tokens = jax.lax.stop_gradient(dr.clip_tokens(nets, frozen["clip"], lq))  # the whole image
+        if crop:
+            hq, lq = context_crop.crop_pair(keys[-1], hq, lq, int(config.image_size))
         z0, noise, t, z_t = noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise)
-        tokens = jax.lax.stop_gradient(dr.clip_tokens(nets, frozen["clip"], lq))
 
-        dropped = null_prompt_mask(keys[-1], p_null) if p_null > 0 else None
+        dropped = null_prompt_mask(keys[4 + int(levels)], p_null) if p_null > 0 else None
 
         def loss_fn(params):
             prompts = dr.visual_prompts(nets, params["prompt"], tokens)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffrestorer_jax.data import context_crop
 from diffrestorer_jax.diffusion import samplers, schedules
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.train import discriminator as disc_lib
@@ -99,11 +100,12 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
                          "number of DDIM steps")
 
     levels = stage1.uses_hq_levels(config)
+    crop = context_crop.degrade_size(config) > 0  # degrade a larger image, train on a crop of it
 
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
         n_keys = 2 if p_predicted == 0.0 else 5
-        keys = st.step_keys(state, batch["index"], n_keys + (1 if levels else 0))
-        if levels:  # the extra key comes last, so the other draws are those of a run without it
+        keys = st.step_keys(state, batch["index"], n_keys + int(levels) + int(crop))
+        if levels:  # the option keys come last, so the other draws are those of a run without them
             batch = dict(batch, hq=stage1.augment_hq(config, batch, keys[n_keys]))
         hq = batch["hq"].astype(jnp.float32)
         if p_predicted == 0.0:
@@ -112,6 +114,8 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
             k_deg, k_lat, k_t, k_noise, k_mix = keys[:5]
         lq, _ = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
         prompts = dr.visual_prompts(nets, frozen["prompt"], dr.clip_tokens(nets, frozen["clip"], lq))
+        if crop:  # prompts from the whole image, everything else on the crop (as tiled inference)
+            hq, lq = context_crop.crop_pair(keys[-1], hq, lq, int(config.image_size))
         if p_predicted == 0.0:
             z0 = dr.encode_latents(nets, frozen["vae"], hq, example_keys=k_lat)
         else:

@@ -295,3 +295,22 @@ def test_hq_levels_option_traces_in_both_stages(tmp_path, stage):
         new_state, metrics = jax.eval_shape(run.step_fn, run.plan.state_target, run.plan.frozen_target, batch)
     assert metrics["loss"].shape == ()
     assert jax.tree.structure(new_state) == jax.tree.structure(run.plan.state_target)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_degrade_size_option_traces_in_both_stages(stage):
+    """train.degrade_size (data/context_crop.py, tested there): the data source hands images of that
+    side, and each stage's step takes them and crops to image_size (shapes only: no compile)."""
+    from diffrestorer_jax.parallel import sharding
+    c = small_config(stage)
+    c.train.degrade_size = 48
+    run = Run(c, jax.devices()[:1], FAST)
+    example = run.example_batch()
+    assert example["hq"].shape[1:3] == (48, 48)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example.items()}
+    with sharding.mesh_context(run.mesh, run.rules):
+        new_state, metrics = jax.eval_shape(run.step_fn, run.plan.state_target, run.plan.frozen_target, batch)
+    assert metrics["loss"].shape == ()
+    assert jax.tree.structure(new_state) == jax.tree.structure(run.plan.state_target)
+    data = sources.make_data(c)
+    assert next(data)["hq"].shape[1:3] == (48, 48)
