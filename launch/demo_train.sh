@@ -12,7 +12,7 @@
 # close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stage 4 (never
 # seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for about two hours on a small CPU (see demo/README.md for the measured wall
+# Step counts are sized for about 90 minutes on a 2-core CPU (see demo/README.md for the measured wall
 # time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its last
 # checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
 # Override them with the environment:
