@@ -40,8 +40,11 @@ python -m diffrestorer_jax.cli.demo_photos "$PHOTOS"
 if [ "$(find "$DEAD_LEAVES" -name 'dead_leaves_*.png' 2>/dev/null | wc -l)" -ne 600 ]; then
   python -m diffrestorer_jax.cli.demo_photos "$DEAD_LEAVES" --dead-leaves 600 --size 192 --seed 0
 fi
-# Stages 1-3 compile with XLA's backend optimisations off: compiling is most of their time at this
-# size, and their steps run at much the same speed.
+# Stages 1-3 compile with XLA's backend optimisations off (--fast_compile), as when the shipped
+# checkpoint was trained, so that this run reproduces it. Their steps would run 2.5-3.4x faster at -O1
+# (measured 2026-12-05, 40 steps each, an AOT compile beside them: prior_vae 1.24 -> 0.49 s, prior_unet
+# 1.11 -> 0.37 s, stage1 1.56 -> 0.45 s per step), about 25 of the recipe's minutes; a change for the
+# next checkpoint, since -O1 rounds differently.
 PHOTO_DATA=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
 
 stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
