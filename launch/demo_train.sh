@@ -44,7 +44,7 @@ fi
 # checkpoint was trained, so that this run reproduces it. Their steps would run 2.5-3.4x faster at -O1
 # (measured 2026-12-05, 40 steps each, an AOT compile beside them: prior_vae 1.24 -> 0.49 s, prior_unet
 # 1.11 -> 0.37 s, stage1 1.56 -> 0.45 s per step), about 25 of the recipe's minutes; a change for the
-# next checkpoint, since -O1 rounds differently.
+# next checkpoint, since -O1 may round differently (not checked).
 PHOTO_DATA=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
 
 stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
