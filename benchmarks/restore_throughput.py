@@ -3,7 +3,7 @@ built from diffusers parts, same size, batch and DDIM steps.
 
     python benchmarks/restore_throughput.py --size tiny --image 64 --batch 4 --steps 10 --reps 5
     python benchmarks/restore_throughput.py --size sd15 --image 256 --batch 2 --steps 4 --reps 3 \
-        --sides ours_batched,ours_exact      # then --sides theirs in another process (memory)
+        --sides ours_batched,ours_exact      # then --sides theirs,theirs_aware in another process
 
 Sides (run interleaved: one of each in turn, `--reps` times, after one warm-up call each; medians):
   ours_batched  `Restorer.restore_batch` (what diffrestorer-restore runs per batch: host -> device,
@@ -12,12 +12,14 @@ Sides (run interleaved: one of each in turn, `--reps` times, after one warm-up c
   theirs        PyTorch (torch.no_grad, eval): CLIP vision tower (transformers) on the LQ resized to
                 the CLIP size, the prompt MLPs, then per DDIM step ControlNet (diffusers, from the
                 UNet, context P_D, the LQ as its condition) + UNet (context P_S, the residuals), then
-                the VAE encoder on the LQ and the VAE decoder on the latent.
-The two do the same work except the decoder: ours is the degradation-aware decoder (the VAE decoder
-plus, at every level, a fusion of the LQ's encoder features through residual dense blocks, and the
-tiny config's image-level fusion), theirs is the plain VAE decoder; the LQ encoder pass is in both.
-So the comparison slightly favours PyTorch. Weights are random (timing does not depend on them),
-float32 on both sides. Ours uses this host's XLA CPU setting (xla_cpu.py), as the commands do.
+                the VAE encoder on the LQ and the plain VAE decoder on the latent
+  theirs_aware  the same, decoding with our degradation-aware decoder written in PyTorch
+                (torch_decoder.py, parity-tested against ours): the same work as ours
+Ours decodes with the degradation-aware decoder (the VAE decoder plus, at every level, a fusion of
+the LQ's encoder features through residual dense blocks, and the tiny config's image-level fusion),
+so `theirs` does less work than ours (the plain VAE decoder; the LQ encoder pass is in both) and
+`theirs_aware` the same work. Weights are random (timing does not depend on them), float32 on both
+sides. Ours uses this host's XLA CPU setting (xla_cpu.py), as the commands do.
 """
 import argparse
 import json
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import host  # noqa: E402
 
 REPO = host.REPO
-SIDES = ("ours_batched", "ours_exact", "theirs")
+SIDES = ("ours_batched", "ours_exact", "theirs", "theirs_aware")
 
 
 def get_config(size: str):
@@ -73,10 +75,10 @@ def ours(config, args, exact: bool):
     return lambda: r.restore_batch(lq, ids)
 
 
-def theirs(config, args):
+def theirs(config, args, decoder: str = "vae"):
     """The PyTorch reference (torch_restore.py), float32, on this CPU."""
     import torch_restore
-    run = torch_restore.build(config.model)
+    run = torch_restore.build(config.model, decoder=decoder)
     lq_nhwc = np.random.default_rng(1).random((args.batch, args.image, args.image, 3), np.float32)
     return lambda: run(torch_restore.nchw(lq_nhwc), args.steps).permute(0, 2, 3, 1).numpy()
 
@@ -112,7 +114,10 @@ def main():
     fns, build = {}, {}
     for side in sides:
         t0 = time.perf_counter()
-        fns[side] = theirs(config, args) if side == "theirs" else ours(config, args, side == "ours_exact")
+        if side.startswith("theirs"):
+            fns[side] = theirs(config, args, "aware" if side == "theirs_aware" else "vae")
+        else:
+            fns[side] = ours(config, args, side == "ours_exact")
         fns[side]()  # warm-up: compiles ours
         build[side] = time.perf_counter() - t0
         print(f"{side}: built and warmed up in {build[side]:.0f} s", flush=True)
@@ -132,10 +137,10 @@ def main():
     print(json.dumps(result), flush=True)
     print(f"{args.size}, {args.image}^2, batch {args.batch}, {args.steps} DDIM steps, {result['threads']} "
           f"thread(s), median of {args.reps} interleaved: " + ", ".join(f"{s} {ips[s]:.3f} images/s" for s in sides))
-    if "theirs" in ips:
+    for ref in ("theirs", "theirs_aware"):
         for s in sides:
-            if s != "theirs":
-                print(f"  {s} / theirs: {ips[s] / ips['theirs']:.2f}x images/s")
+            if ref in ips and s.startswith("ours"):
+                print(f"  {s} / {ref}: {ips[s] / ips[ref]:.2f}x images/s")
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -6,8 +6,10 @@ and transformers parts with random weights (timing does not depend on them):
 
 CLIP vision tower on the LQ resized to the CLIP size, the two prompt MLPs (P_S, P_D), then per DDIM
 step ControlNet (from the UNet, context P_D, the LQ as its condition) + UNet (context P_S, the
-residuals), then the VAE encoder on the LQ (`encode_lq`: the features our degradation-aware decoder
-fuses) and the VAE decoder on the latent.
+residuals), then the decoding: `decoder='vae'` the VAE encoder on the LQ (`encode_lq`: the features
+our degradation-aware decoder fuses) and the plain VAE decoder on the latent; `decoder='aware'` our
+degradation-aware decoder written in PyTorch (`torch_decoder.py`: the VAE encoder's features fused
+into the VAE decoder at every level), the same decoding work as ours.
 """
 import numpy as np
 
@@ -15,10 +17,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build(model, device: str = "cpu", dtype=None, encode_lq: bool = True):
+def build(model, device: str = "cpu", dtype=None, encode_lq: bool = True, decoder: str = "vae"):
     """`model`: a config's `model` section. Returns run(lq, steps) under torch.no_grad()."""
+    if decoder not in ("vae", "aware"):
+        raise ValueError(f"decoder must be 'vae' or 'aware', got {decoder!r}")
     import diffusers
     import torch
+    import torch_decoder
     import transformers
     dtype = dtype or torch.float32
     unet_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.unet).items()}
@@ -41,7 +46,8 @@ def build(model, device: str = "cpu", dtype=None, encode_lq: bool = True):
                             nn.Linear(hid, hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01), nn.Linear(hid, ctx))
         deg = nn.Sequential(nn.Linear(cc["hidden_size"], hid), nn.LayerNorm(hid), nn.LeakyReLU(0.01),
                             nn.Linear(hid, ctx))
-    for mod in (unet, control, vae, clip, sem, deg):
+        aware = torch_decoder.build(vae, model) if decoder == "aware" else None
+    for mod in (unet, control, vae, clip, sem, deg) + ((aware,) if aware is not None else ()):
         if dtype != torch.float32:  # (built in float32 on `device`)
             mod.to(dtype)
         mod.eval()
@@ -64,9 +70,12 @@ def build(model, device: str = "cpu", dtype=None, encode_lq: bool = True):
             eps = unet(z, t, p_s, down_block_additional_residuals=down, mid_block_additional_residual=mid,
                        return_dict=False)[0]
             z = sched.step(eps, t, z, return_dict=False)[0]
-        if encode_lq:
-            vae.encode(lq * 2 - 1)
-        img = vae.decode(z / vae_cfg["scaling_factor"], return_dict=False)[0]
+        if aware is not None:  # encodes the LQ itself, for the features it fuses
+            img = aware(z, lq, p_d.mean(1))
+        else:
+            if encode_lq:
+                vae.encode(lq * 2 - 1)
+            img = vae.decode(z / vae_cfg["scaling_factor"], return_dict=False)[0]
         if device == "cuda":
             torch.cuda.synchronize()
         return img
