@@ -6,7 +6,7 @@ minimal filtering computes each 2x2 output tile from a 4x4 input tile with 16 mu
 pair instead of 36: input tiles V = B^T d B, kernel U = G g G^T, then for each of the 16 tile points
 one matmul over channels (M = V @ U), and the output A^T M A. On this host that took those
 convolutions to 0.6-0.7x of XLA's time (below PyTorch's); at fewer channels or pixels XLA's own
-convolution is as fast or faster, so only wide, large ones take this route (`applies`), and only on
+convolution is as fast or faster, so only wide (in and out), large ones take this route (`applies`), and only on
 CPU (`lax.platform_dependent`: TPU and GPU programs, AOT compiles included, are unchanged). The
 result differs from the direct convolution by float rounding (~1e-6 relative in float32); float32
 only, as the transforms would lose more in bfloat16.
@@ -16,10 +16,12 @@ import numpy as np
 from jax import lax
 
 # Where single-convolution timings on the AMD EPYC host of 2026-12-05 (AVX2, one thread) showed the
-# route faster than XLA's convolution (benchmarks/RESULTS.md): 512 channels at 64x64 0.68x, at
-# 128x128 0.59x; 256 at 128-256 px ~0.95x (not worth the rounding); 320 at 64, 512 at 32, 640 at 32,
-# 1280 at 16 slower.
+# route faster than XLA's convolution (in -> out channels at a side, Winograd / XLA time): 512 -> 512
+# at 64 0.68x and at 128 0.59x, 1024 -> 512 at 64 0.69x, 384 -> 384 at 64 0.91x; slower: 512 -> 256
+# at 128 (1.07x), 512 -> 128 at 64, 544 -> 32 at 64 (2.3x), 320 at 64, 512 at 32, 640 at 32, 1280
+# at 16 and 128 at 256; 256 -> 256 at 128-256 ~0.95x (not worth the rounding).
 MIN_IN_CHANNELS = 384
+MIN_OUT_CHANNELS = 384
 MIN_OUTPUT_PIXELS = 64 * 64
 
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
@@ -32,7 +34,8 @@ def applies(x_shape, w_shape, strides, padding, dtype) -> bool:
     _, height, width, ci = x_shape
     return (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
             and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and jnp.dtype(dtype) == jnp.float32
-            and ci >= MIN_IN_CHANNELS and height * width >= MIN_OUTPUT_PIXELS
+            and ci >= MIN_IN_CHANNELS and w_shape[3] >= MIN_OUT_CHANNELS
+            and height * width >= MIN_OUTPUT_PIXELS
             and height % 2 == 0 and width % 2 == 0)
 
 

@@ -34,7 +34,7 @@ def test_applies_only_to_wide_large_float32_3x3():
     ok = ((1, 64, 64, 512), (3, 3, 512, 512), (1, 1), PAD, jnp.float32)
     assert winograd.applies(*ok)
     for i, bad in [(0, (1, 32, 32, 512)), (0, (1, 64, 64, 256)), (0, (1, 64, 65, 512)),
-                   (1, (1, 1, 512, 512)), (2, (2, 2)), (3, ((0, 0), (0, 0))), (4, jnp.bfloat16)]:
+                   (1, (1, 1, 512, 512)), (1, (3, 3, 512, 256)), (2, (2, 2)), (3, ((0, 0), (0, 0))), (4, jnp.bfloat16)]:
         assert not winograd.applies(*(ok[:i] + (bad,) + ok[i + 1:])), bad
 
 
@@ -46,18 +46,18 @@ def _compiled(features, x_shape):
 
 
 def test_the_conv_layer_takes_the_route_where_it_applies():
-    # 64x64 x 384 channels: Winograd's batched matmul, no convolution; 32x32: XLA's convolution.
-    assert winograd.applies((1, 64, 64, 384), (3, 3, 384, 4), (1, 1), PAD, jnp.float32)
-    assert "convolution(" not in _compiled(4, (1, 64, 64, 384))
-    assert "convolution(" in _compiled(4, (1, 32, 32, 384))
+    # 64x64, 384 -> 384 channels: Winograd's batched matmul, no convolution; 32x32: XLA's convolution.
+    assert winograd.applies((1, 64, 64, 384), (3, 3, 384, 384), (1, 1), PAD, jnp.float32)
+    assert "convolution(" not in _compiled(384, (1, 64, 64, 384))
+    assert "convolution(" in _compiled(384, (1, 32, 32, 384))
 
 
 def test_conv_layer_output_matches_xla_where_routed():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((1, 64, 64, 384), np.float32))
-    conv = layers.Conv(4, 3)
+    conv = layers.Conv(384, 3)
     params = conv.init(jax.random.PRNGKey(0), x)
-    plain = nn.Conv(4, (3, 3), padding=PAD)
+    plain = nn.Conv(384, (3, 3), padding=PAD)
     want = plain.apply(nn.meta.unbox(params), x)
     got = jax.jit(conv.apply)(params, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * float(jnp.max(jnp.abs(want))))
