@@ -8,9 +8,10 @@
 #   TPU_NAME=my-pod ZONE=us-west4-a WORKDIR=gs://my-bucket/runs/sd15_s1 \
 #     launch/train_tpu_pod.sh configs/sd15.py:stage1_pod --config.x=y ...
 #
-# The same command runs on all workers (--worker=all); each worker's JAX finds its peers from the TPU
-# metadata (diffrestorer-train calls jax.distributed.initialize() when TPU_WORKER_HOSTNAMES lists
-# several hosts). WORKDIR must be a bucket (gs://...) every worker can write: checkpoints (each
+# The same command runs on all workers (--worker=all), with DIFFRESTORER_DISTRIBUTED=1: a TPU VM
+# lists its workers only in its metadata server, so this tells diffrestorer-train to call
+# jax.distributed.initialize(), which finds its peers there (on a one-host TPU VM, a job of one
+# process). WORKDIR must be a bucket (gs://...) every worker can write: checkpoints (each
 # worker writes its own shards), TensorBoard logs and the export go there. Weights and datasets may
 # be gs:// paths too. On preemption (SIGTERM to any worker) every worker saves the same step and
 # exits 0; run the same command again to resume. Each worker's console goes to ~/train.log there.
@@ -34,4 +35,4 @@ CONFIG=${1:?usage: $0 --setup | $0 configs/<name>.py[:arg] [--config.x=y ...]}; 
 : "${WORKDIR:?set WORKDIR (a gs:// bucket path every worker can write)}"
 EXTRA=$(printf ' %q' "$@")
 ssh_all "cd ~/$REMOTE_DIR && set -o pipefail &&
-  .venv/bin/diffrestorer-train --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee -a ~/train.log"
+  DIFFRESTORER_DISTRIBUTED=1 .venv/bin/diffrestorer-train --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee -a ~/train.log"

@@ -58,6 +58,20 @@ def distributed_envs(num_processes: int, devices_per_process: int) -> List[Dict[
             for i in range(num_processes)]
 
 
+def forced_envs(num_processes: int, devices_per_process: int, **extra) -> List[Dict[str, str]]:
+    """One env per process for a launch that only says "this is multi-host"
+    (DIFFRESTORER_DISTRIBUTED=1, as launch/train_tpu_pod.sh does) and leaves the rest to JAX: the
+    coordinator in JAX_COORDINATOR_ADDRESS (which JAX reads itself) and the process count and id
+    in a fake Open MPI env, which JAX's cluster detection reads but `maybe_initialize_distributed`
+    does not look at. (A GCE TPU VM gives them through its metadata server, which only a TPU VM has.)"""
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    return [worker_env(devices_per_process, DIFFRESTORER_DISTRIBUTED=1, JAX_COORDINATOR_ADDRESS=address,
+                       OMPI_MCA_orte_hnp_uri="1531576320.0;tcp://127.0.0.1:34911",
+                       OMPI_COMM_WORLD_SIZE=num_processes, OMPI_COMM_WORLD_RANK=i,
+                       OMPI_COMM_WORLD_LOCAL_RANK=i, DIFFRESTORER_HEARTBEAT_TIMEOUT_S=900, **extra)
+            for i in range(num_processes)]
+
+
 class Worker:
     """One subprocess (argv from `command` or `script`, then `args`) whose stdout+stderr go to
     `log_path` (no pipe to fill up and block)."""

@@ -28,8 +28,12 @@ def main(argv) -> int:
     del argv
     startup.prepare_process()
     startup.absl_console()
-    from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
-    maybe_initialize_distributed()  # before any other JAX call
+    from diffrestorer_jax.parallel.mesh import DistributedInitError, maybe_initialize_distributed
+    try:
+        maybe_initialize_distributed()  # before any other JAX call
+    except DistributedInitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from diffrestorer_jax.train.preemption import PreemptionGuard
     guard = PreemptionGuard()  # from here on a SIGTERM is a request to save and stop, not death
     from diffrestorer_jax.data.sources import DataConfigError

@@ -22,6 +22,11 @@ from jax.sharding import Mesh
 MESH_AXES = ("data", "fsdp", "tensor")
 
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+FORCE_ENV = "DIFFRESTORER_DISTRIBUTED"  # "1": this is a multi-host run (launch/train_tpu_pod.sh sets it)
+
+
+class DistributedInitError(RuntimeError):
+    """A multi-process start was asked for, but `jax.distributed.initialize` found no cluster."""
 
 
 def _get(cfg, key, default):
@@ -105,17 +110,23 @@ def _hybrid_grid(ici, dcn, devices):
 
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
                                  num_processes: Optional[int] = None,
-                                 process_id: Optional[int] = None, force: bool = False,
+                                 process_id: Optional[int] = None, force: Optional[bool] = None,
                                  **kwargs) -> bool:
     """Call `jax.distributed.initialize` when this is a multi-process launch; a no-op otherwise.
 
     A launch is multi-process when explicit arguments say so, when the coordinator env vars are set
     (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID), or when a cluster JAX knows how to
     detect is present (SLURM with several tasks, TPU_WORKER_HOSTNAMES listing several workers), or when
-    `force` is set (a pod launch script knows it is multi-host; JAX then auto-detects the cluster from
-    the TPU metadata). Must run before any other JAX call. Returns True when it initialised.
+    `force` is set (default: env DIFFRESTORER_DISTRIBUTED=1). A GCE TPU VM lists its workers only in
+    its metadata server, so there only the pod launch script knows the run is multi-host: it sets the
+    variable and JAX detects the cluster (a single-host TPU VM becomes a job of one process). Where JAX
+    finds no cluster this raises DistributedInitError; where processes are missing JAX ends this one
+    after DIFFRESTORER_INIT_TIMEOUT_S (default 300 s). Must run before any other JAX call. Returns True
+    when it initialised.
     """
     env = os.environ
+    if force is None:
+        force = env.get(FORCE_ENV, "0") not in ("", "0")
     coordinator_address = coordinator_address or next(
         (env[k] for k in _DISTRIBUTED_ENV if env.get(k)), None)
     if num_processes is None and env.get("JAX_NUM_PROCESSES"):
@@ -130,11 +141,21 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None,
         # JAX declares a process dead after 100 s without a heartbeat; a starved host (tests on a
         # loaded machine) needs longer
         kwargs.setdefault("heartbeat_timeout_seconds", int(env["DIFFRESTORER_HEARTBEAT_TIMEOUT_S"]))
+    if env.get("DIFFRESTORER_INIT_TIMEOUT_S"):
+        kwargs.setdefault("initialization_timeout", int(env["DIFFRESTORER_INIT_TIMEOUT_S"]))
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         # CPU processes need a cross-process collectives backend (jax 0.10's default is gloo already).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **kwargs)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, **kwargs)
+    except ValueError as e:  # JAX found no cluster: no coordinator, process count or id
+        if not force:
+            raise
+        raise DistributedInitError(
+            f"{FORCE_ENV} (or force=True) asks for a multi-host run, but jax.distributed.initialize() "
+            f"found no cluster to join ({e}); unset it on a single machine, or give the cluster as "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from e
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     return True
 
