@@ -1,12 +1,14 @@
 """Worker script: train the toy model with checkpoints, resume, preemption; optionally multi-process.
 
 Prints one line per event for the parent test to follow:
+  JOINING                 about to start jax.distributed (a no-op on one process)
   START <step>            training begins (after restore, if a checkpoint existed)
   STEP <n>                n updates done
   PREEMPTED <n>           SIGTERM handled: checkpoint of step n written, exiting 0
   COMPILES <k>            train-step compilations in this process
   DONE <n>
-Multi-process: env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (see tests/procs.py).
+Multi-process: env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or
+DIFFRESTORER_DISTRIBUTED=1 and a cluster JAX detects (see tests/procs.py).
 """
 import argparse
 import sys
@@ -31,6 +33,8 @@ def parse():
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--mesh", default="2,4,1", help="data,fsdp,tensor")
     p.add_argument("--out", default="", help="npz of the final params (written by process 0)")
+    p.add_argument("--guard_first", action="store_true",
+                   help="make the preemption guard before jax.distributed starts, as diffrestorer-train does")
     return p.parse_args()
 
 
@@ -45,13 +49,17 @@ def restore_or_init(ckpt, tx, targets, mesh):
 
 def main():
     args = parse()
+    guard = PreemptionGuard() if args.guard_first else None
+    print("JOINING", flush=True)
     if mesh_lib.maybe_initialize_distributed():
+        if guard is not None:
+            guard.distributed_started()
         print(f"PROCESSES {jax.process_index()} of {jax.process_count()}", flush=True)
     jax.config.update("jax_default_matmul_precision", "highest")
     data, fsdp, tensor = (int(v) for v in args.mesh.split(","))
     mesh = mesh_lib.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor})
     ckpt = Checkpointer(args.workdir, save_every=args.save_every, keep=2) if args.workdir else None
-    guard = PreemptionGuard()
+    guard = guard or PreemptionGuard()
     with sharding.CompileCounter("train_step") as counter:
         tx, targets, _, bsh, train_step = toy_train.plan(mesh)
         state, step = restore_or_init(ckpt, tx, targets, mesh)

@@ -28,14 +28,17 @@ def main(argv) -> int:
     del argv
     startup.prepare_process()
     startup.absl_console()
+    from diffrestorer_jax.train.preemption import PreemptionGuard
+    guard = PreemptionGuard()  # from here on a SIGTERM is a request to save and stop, not death,
+    # also while this host waits for the others in jax.distributed.initialize
     from diffrestorer_jax.parallel.mesh import DistributedInitError, maybe_initialize_distributed
     try:
-        maybe_initialize_distributed()  # before any other JAX call
+        if maybe_initialize_distributed():  # before any other JAX call
+            guard.distributed_started()
     except DistributedInitError as e:
         print(f"error: {e}", file=sys.stderr)
+        guard.close()
         return 2
-    from diffrestorer_jax.train.preemption import PreemptionGuard
-    guard = PreemptionGuard()  # from here on a SIGTERM is a request to save and stop, not death
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
     from diffrestorer_jax.train.resume_check import ResumeMismatch
