@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data.degradations import DEGRADATION_TYPES
 from diffrestorer_jax.diffusion import schedules
 from diffrestorer_jax.infer import buckets
@@ -111,21 +112,28 @@ def choose_weights(asked: str, nbytes: int, memory: Optional[int], num_devices: 
 
 
 def checkpoint_id(directory: str) -> str:
-    """A short id of an export's contents: its config and the commit record of its parameters
-    (rewritten by every save), so outputs can tell which export made them."""
+    """A short id of an export's contents (local or a URL): its config and the commit record of its
+    parameters (rewritten by every save, with the commit time in ns), so outputs can tell which
+    export made them."""
     h = hashlib.sha256()
-    for name in ("config.json", os.path.join("params", "_CHECKPOINT_METADATA")):
+    root = paths.path(directory)
+    for name in ("config.json", "params/_CHECKPOINT_METADATA"):
         try:
-            with open(os.path.join(directory, name), "rb") as f:
-                h.update(f.read())
+            h.update((root / name).read_bytes())
         except OSError:
             h.update(b"-")
     return h.hexdigest()[:16]
 
 
 def _stamp(directory: str):
-    """Changes whenever the export is rewritten (save_export replaces config.json and params/)."""
-    return tuple(os.stat(os.path.join(directory, n)).st_mtime_ns for n in ("config.json", "params"))
+    """Changes whenever the export is rewritten (save_export replaces config.json and params/). On
+    local disk: the two entries' mtimes in ns. On a URL (gs://...) a folder has no mtime and an
+    object's is in whole seconds, so the stamp is `checkpoint_id` instead: the contents of
+    config.json and of Orbax's commit record, whose commit time (ns) changes with every save."""
+    if paths.is_url(directory):
+        return checkpoint_id(directory)
+    root = paths.local(directory)
+    return tuple(os.stat(os.path.join(root, n)).st_mtime_ns for n in ("config.json", "params"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,8 +204,9 @@ class Restorer:
             config = export.load_config(directory)
         except (FileNotFoundError, NotADirectoryError, ValueError, OSError) as e:
             raise RestoreError(f"--checkpoint {directory}: {e}") from None
+        source = str(paths.path(directory))  # a URL as given, a local path absolute
         try:
-            _, nets, params = _cached_export(os.path.abspath(directory), _stamp(directory))
+            _, nets, params = _cached_export(source, _stamp(source))
         except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for a damaged export
             raise RestoreError(f"--checkpoint {directory}: cannot load the parameters "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -209,7 +218,7 @@ class Restorer:
             nets = build_networks(config.model)
         if options.dtype is None and "model.dtype" in overrides:  # --config.model.dtype asks for one too
             options = dataclasses.replace(options, dtype=str(overrides["model.dtype"]))
-        return cls(config, nets, params, options, source=os.path.abspath(directory))
+        return cls(config, nets, params, options, source=source)
 
     def _resolve(self, o: Options) -> Tuple[RestoreSettings, Knobs]:
         c = self.config
