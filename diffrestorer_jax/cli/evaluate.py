@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.cli import restore_options, startup
 
 
@@ -49,6 +50,10 @@ def main(argv=None) -> int:
     try:
         restore_options.enable_compile_cache(args)
         overrides = restore_options.parse_overrides(rest)
+        for flag, path in (("--data", args.data), ("--out", args.out)):
+            if paths.is_url(path):  # os.path would make <cwd>/gs:/... of it
+                raise ev.EvaluateError(f"{flag} {path}: the test set and the reports are on local disk "
+                                       "(only --checkpoint may be a gs:// or other URL)")
         kind, entries, problems = ev.load_pairs(args.data, args.split, args.max_per_type)
         for path, reason in problems:
             print(f"skipped: {path}: {reason}", file=sys.stderr)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 
+from diffrestorer_jax import paths
 from diffrestorer_jax.data.image_io import (IMAGE_EXTENSIONS, ImageReadError, precision_notes, read_image,
                                             remove_stale_temporaries, write_atomic, write_png)
 from diffrestorer_jax.infer.restorer import Restorer, RestoreError, path_image_id
@@ -48,6 +49,14 @@ class InputSet:
 _GLOB_CHARS = "*?["
 
 
+def local_only(flag: str, path: str) -> None:
+    """Image folders are read and written on local disk: refuse a URL (os.path would make
+    `<cwd>/gs:/...` of it) with a message instead."""
+    if paths.is_url(path):
+        raise RestoreError(f"{flag} {path}: images are read and written on local disk (only --checkpoint "
+                           "may be a gs:// or other URL); copy them locally first")
+
+
 def _regular(path: str) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
@@ -58,6 +67,7 @@ def _regular(path: str) -> bool:
 def find_inputs(spec: str) -> InputSet:
     """FILE, DIR (recursive, image extensions, hidden files skipped) or GLOB -> InputSet. Special
     files (a FIFO named x.png) are set aside in `special`, never opened."""
+    local_only("--input", spec)
     spec = os.path.expanduser(spec)
     if os.path.isdir(spec):
         root, kind = spec, "dir"
@@ -90,6 +100,7 @@ def find_inputs(spec: str) -> InputSet:
 def check_output_folder(inputs: InputSet, out_dir: str) -> None:
     """Refuse an output folder inside (or equal to) a folder input (outputs would become inputs of
     the next run) and one that cannot be written; called before the model is loaded."""
+    local_only("--output", out_dir)
     out = os.path.abspath(out_dir)
     if inputs.kind != "file" and (out == inputs.root or out.startswith(os.path.join(inputs.root, ""))):
         raise RestoreError(f"--output {out_dir} is inside --input {inputs.root}: the next run would take "

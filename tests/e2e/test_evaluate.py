@@ -78,6 +78,10 @@ def test_evaluate_errors_are_messages(tmp_path, capsys):
     assert "no LQ/GT pairs" in capsys.readouterr().err
     with pytest.raises(ev.EvaluateError):
         ev.load_pairs(str(tmp_path / "empty"))
+    for flags in (["--data", "gs://b/test", "--out", str(tmp_path / "o")],
+                  ["--data", str(tmp_path / "empty"), "--out", "gs://b/o"]):
+        assert evaluate_cli.main(["--checkpoint", str(tmp_path)] + flags) == 2
+        assert "only --checkpoint may be a gs://" in capsys.readouterr().err
 
 
 def test_tfds_dataset_gives_the_same_numbers(ckpt, paired, tmp_path, capsys):

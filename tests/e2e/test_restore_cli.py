@@ -317,6 +317,12 @@ def test_output_folder_is_checked_before_the_model_loads(ckpt, photos, tmp_path,
     assert restore_cli.main(["--checkpoint", str(tmp_path / "nowhere"), "--input", str(photos),
                              "--output", str(tmp_path / "file" / "out")]) == 2
     assert "cannot be written" in capsys.readouterr().err  # not the missing checkpoint: checked first
+    # Images are on local disk: a URL is refused (os.path would make <cwd>/gs:/... of it).
+    for flags in (["--input", "gs://b/in", "--output", str(tmp_path / "o")],
+                  ["--input", str(photos), "--output", "gs://b/out"]):
+        assert restore_cli.main(["--checkpoint", ckpt] + flags) == 2
+        assert "only --checkpoint may be a gs://" in capsys.readouterr().err
+    assert not os.path.exists("gs:") and not (tmp_path / "o").exists()
 
 
 def test_foreseeable_errors_are_messages(ckpt, photos, tmp_path, capsys):
