@@ -11,6 +11,8 @@ The step is the tiny prior VAE's (the loop is the same for every stage; its prog
 seconds), run in process and reused for a local run of the same steps, whose export must match.
 The restore and evaluate commands run on the tiny export (tests/exports.py) written locally and
 copied into the bucket byte for byte: their outputs from `gs://` must equal those from local disk.
+The same export and converted-weights folders, copied into the bucket, give a run the same
+`weights.init_from` and `weights.unet/vae/clip` as their local copies.
 """
 import io
 import json
@@ -33,6 +35,8 @@ from PIL import Image  # noqa: E402
 from diffrestorer_jax import paths  # noqa: E402
 from diffrestorer_jax.export import load_export  # noqa: E402
 from diffrestorer_jax.train import loop  # noqa: E402
+from diffrestorer_jax.train import state as st  # noqa: E402
+from diffrestorer_jax.train import run as run_lib  # noqa: E402
 from diffrestorer_jax.train.run import FAST_COMPILE, Run  # noqa: E402
 from diffrestorer_jax.cli import evaluate as evaluate_cli  # noqa: E402
 from diffrestorer_jax.cli import restore as restore_cli  # noqa: E402
@@ -135,11 +139,9 @@ def test_train_resume_export_on_gs(bucket, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, cloud, _params(str(tmp_path / "local" / "export")))
 
 
-@pytest.fixture(scope="module")
-def exports(bucket, tmp_path_factory):
-    """(local, gs://) copies of the same tiny export, byte for byte."""
-    local = tiny_export(tmp_path_factory.mktemp("export"))
-    cloud = paths.path(f"{bucket}/exports/tiny")
+def _copy_to_bucket(local: str, url: str) -> str:
+    """`gsutil cp -r local url`, byte for byte; the URL."""
+    cloud = paths.path(url)
     for folder, _, files in os.walk(local):
         for name in files:
             src = os.path.join(folder, name)
@@ -147,7 +149,14 @@ def exports(bucket, tmp_path_factory):
             dst.parent.mkdir(parents=True, exist_ok=True)
             with open(src, "rb") as f:
                 dst.write_bytes(f.read())
-    return local, str(cloud)
+    return str(cloud)
+
+
+@pytest.fixture(scope="module")
+def exports(bucket, tmp_path_factory):
+    """(local, gs://) copies of the same tiny export, byte for byte."""
+    local = tiny_export(tmp_path_factory.mktemp("export"))
+    return local, _copy_to_bucket(local, f"{bucket}/exports/tiny")
 
 
 def _photo(path, seed):
@@ -209,3 +218,46 @@ def test_rewritten_gs_export_is_reloaded(exports):
         assert restorer_lib._cached_export.cache_info().misses == misses + 1
     finally:
         record.write_text(saved)  # the module's export as it was
+
+
+def _given(stage, **weights):
+    """The starting weights diffrestorer-train takes for the tiny config's `stage` with these
+    `weights.*` (what `Run` loads before it plans the state: train.run.load_given)."""
+    from configs.tiny import get_config
+    from diffrestorer_jax.models import diffrestorer as dr
+    config = get_config(stage)
+    config.weights.update(weights)
+    return _host(run_lib.load_given(config, dr.build_networks(config.model)))
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def test_init_from_a_gs_export(exports):
+    """`weights.init_from=gs://...` starts a run from the export's networks, the same as the local
+    copy (the export's seeded weights, not the config's random init)."""
+    local, cloud = exports
+    given = {where: _given("prior_vae", init_from=path) for where, path in (("local", local), ("gs", cloud))}
+    assert sorted(given["gs"]) == sorted(st.frozen_names("prior_vae"))
+    jax.tree.map(np.testing.assert_array_equal, given["gs"], given["local"])
+    exported = _host(load_export(local, names=("unet",))[2])
+    jax.tree.map(np.testing.assert_array_equal, given["gs"]["unet"], exported["unet"])
+    assert not os.path.exists(os.path.join(os.getcwd(), "gs:")), "read the export as a local gs: folder"
+
+
+def test_converted_weights_on_gs(bucket, exports, tmp_path):
+    """`weights.unet/vae/clip=gs://...`: folders written by diffrestorer-convert (save_converted) and
+    copied into the bucket load as the local copies do, with the converted weights."""
+    from diffrestorer_jax.convert import save_converted
+    _, nets, params = load_export(exports[0], names=("unet", "vae", "clip"))
+    params = _host(params)
+    local = tmp_path / "weights"
+    for name in params:
+        save_converted(str(local / name), getattr(nets, name), params[name])
+    cloud = _copy_to_bucket(str(local), f"{bucket}/weights")
+    given = {where: _given("stage1", **{n: f"{root}/{n}" for n in params})
+             for where, root in (("local", str(local)), ("gs", cloud))}
+    assert sorted(given["gs"]) == sorted(params)
+    jax.tree.map(np.testing.assert_array_equal, given["gs"], given["local"])
+    jax.tree.map(np.testing.assert_array_equal, given["gs"], params)
