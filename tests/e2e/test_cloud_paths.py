@@ -11,8 +11,8 @@ The step is the tiny prior VAE's (the loop is the same for every stage; its prog
 seconds), run in process and reused for a local run of the same steps, whose export must match.
 The restore and evaluate commands run on the tiny export (tests/exports.py) written locally and
 copied into the bucket byte for byte: their outputs from `gs://` must equal those from local disk.
-The same export and converted-weights folders, copied into the bucket, give a run the same
-`weights.init_from` and `weights.unet/vae/clip` as their local copies.
+The same export, converted-weights folders and a built TFDS dataset, copied into the bucket, give a
+run the same `weights.init_from`, `weights.unet/vae/clip` and grain batches as their local copies.
 """
 import io
 import json
@@ -70,12 +70,13 @@ def _start_emulator():
 
 @pytest.fixture(scope="module")
 def bucket():
-    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+             "CLOUD_STORAGE_EMULATOR_ENDPOINT")
     saved = {k: os.environ.get(k) for k in names}
     proc, url = _start_emulator()
     # gcsfs (epath's gs:// backend) and TensorStore (Orbax's arrays) both talk to the emulator
     os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-                      GOOGLE_AUTH_TOKEN_FOR_TESTING="test")
+                      GOOGLE_AUTH_TOKEN_FOR_TESTING="test", CLOUD_STORAGE_EMULATOR_ENDPOINT=url)
     request = urllib.request.Request(f"{url}/storage/v1/b", method="POST",
                                      data=json.dumps({"name": BUCKET}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -218,6 +219,36 @@ def test_rewritten_gs_export_is_reloaded(exports):
         assert restorer_lib._cached_export.cache_info().misses == misses + 1
     finally:
         record.write_text(saved)  # the module's export as it was
+
+
+def test_tfds_dir_on_gs_feeds_the_grain_pipeline(bucket, tmp_path):
+    """`data.tfds_dir=gs://...`: a dataset built by diffrestorer-build-dataset and copied into the
+    bucket feeds the run's grain pipeline the same batches as the local copy. TFDS finds it through
+    epath (gcsfs), but ArrayRecord reads the records with its own GCS client (google-cloud-cpp, in
+    its C++ module): that client takes the emulator from CLOUD_STORAGE_EMULATOR_ENDPOINT, and without
+    it tried to reach storage.googleapis.com and hung."""
+    from diffrestorer_jax.data import sources
+    from diffrestorer_jax.data.tfds.build import build_dataset
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"p{i}.png")
+    local = str(tmp_path / "tfds")
+    assert build_dataset("hq_folder", [str(tmp_path / "photos")], local)[0] == 3
+    batches = {}
+    for where, tfds_dir in (("local", local), ("gs", _copy_to_bucket(local, f"{bucket}/tfds"))):
+        config = _config("")
+        config.data.kind, config.data.tfds_dir = "tfds", tfds_dir
+        # grain reads in this thread: a prefetching reader still running when the emulator stops
+        # retries it and holds the process at exit
+        config.data.num_threads = config.data.prefetch = 0
+        data = sources.make_data(config)
+        assert isinstance(data, sources.PipelineBatches)
+        batches[where] = [jax.tree.map(np.asarray, next(data)) for _ in range(2)]
+    assert not os.path.exists(os.path.join(os.getcwd(), "gs:")), "read the dataset as a local gs: folder"
+    for got, want in zip(batches["gs"], batches["local"]):
+        assert set(got) == set(want) and got["hq"].shape == (2, 32, 32, 3)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def _given(stage, **weights):
