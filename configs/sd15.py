@@ -13,7 +13,9 @@ that `diffrestorer-aot --topology <slice> --batch B` reports as fitting (benchma
 Their mesh is fsdp 64 x data (the rest): 64 divides every SD 1.5 width (320 k), so no weight is
 left whole on a chip (on fsdp 256, 1920->640 and 320-wide kernels are; benchmarks/state_bytes.py:
 0.17 GiB of state + frozen weights per v5e-256 chip against 0.84), and the batch still spreads
-over all chips (data x fsdp). It needs a multiple of 64 chips.
+over all chips (data x fsdp). It needs a multiple of 64 chips. The on-device degradations draw
+their randomness with threefry (`degradation.rng`): with rbg every chip drew the whole global
+batch's (15 GiB per v5e chip at 1536 images).
 """
 from diffrestorer_jax.config_base import base_config, scale_for_batch
 
@@ -37,4 +39,5 @@ def get_config(arg: str = "stage1"):
     if pod:
         scale_for_batch(c, int(batch) if batch else POD_BATCH[stage])
         c.mesh.data, c.mesh.fsdp = -1, 64
+        c.degradation.rng = "threefry"  # each chip draws only its own images' randomness
     return c

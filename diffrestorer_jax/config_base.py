@@ -104,7 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
         kind="hq_folder", hq_dir="", flip=True,
         tfds_dir="", tfds_kinds="hq_folder", mix_weights="", split="train",
         num_threads=4, prefetch=8, device_prefetch=2))
-    c.degradation = ml_collections.ConfigDict(dict(preset="default"))  # or "paper_protocol"
+    # preset "default" or "paper_protocol"; rng "rbg" (fast to compile on CPU) or "threefry" (drawn
+    # per example and split over the devices with the batch: the pod configs; see
+    # data.degradations.default_degradation_config)
+    c.degradation = ml_collections.ConfigDict(dict(preset="default", rng="rbg"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
     # (logical name, mesh axes) pairs overriding diffrestorer_jax.parallel.rules.DEFAULT_RULES by name.

@@ -21,6 +21,11 @@ ALLOWED = ("data.num_threads", "data.prefetch", "data.device_prefetch", "model.a
            "model.remat_policy")
 
 
+# Fields added to the config after runs were saved without them: the value that reproduces what such
+# a run computed (a saved config without the field counts as having it).
+ADDED_LATER = {"degradation.rng": "rbg"}
+
+
 class ResumeMismatch(ValueError):
     """The workdir's checkpoint was made by another run configuration or other frozen weights."""
 
@@ -41,6 +46,7 @@ def _plain(config) -> Dict[str, Any]:
 def config_changes(saved: Dict[str, Any], current) -> Tuple[List[str], List[str]]:
     """(refused, allowed): 'path: saved -> current' lines for every field that differs."""
     a, b = _flat(saved), _flat(_plain(current))
+    a = {**{k: v for k, v in ADDED_LATER.items() if k in b}, **a}
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") == b.get(key, "<unset>"):

@@ -44,7 +44,8 @@ def class_target(multi_hot) -> jax.Array:
 
 def make_degrade(config):
     """(keys [B], hq [B,H,W,3], type ids [B]) -> (lq, class targets [B, N]); one key per example."""
-    deg_cfg = degradations.default_degradation_config(config.degradation.preset)
+    deg_cfg = degradations.default_degradation_config(config.degradation.preset,
+                                                      config.degradation.get("rng", "rbg"))
 
     def one(key, image, type_id):
         lq, labels = degradations.degrade(jax.random.wrap_key_data(key), image[None], type_id[None],

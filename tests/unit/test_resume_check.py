@@ -52,3 +52,11 @@ def test_other_frozen_weights_are_refused():
     with pytest.raises(rc.ResumeMismatch, match=r"frozen weights \(unet\) differ"):
         rc.check_resume(saved, cur, fp, rc.fingerprint(other))
     assert rc.check_resume(saved, cur, None, fp) == []  # a checkpoint from before fingerprints
+
+
+def test_a_field_added_later_counts_as_the_value_that_reproduces_old_runs():
+    saved, cur = saved_and_current()
+    del saved["degradation"]["rng"]  # a checkpoint saved before degradation.rng existed
+    assert rc.config_changes(saved, cur) == ([], [])
+    cur.degradation.rng = "threefry"
+    assert rc.config_changes(saved, cur)[0] == ["degradation.rng: 'rbg' -> 'threefry'"]
