@@ -25,12 +25,20 @@ REPO=${SLURM_SUBMIT_DIR:-$PWD}
 TRAIN="$REPO/.venv/bin/diffrestorer-train"
 [[ -x "$TRAIN" ]] || { echo "$TRAIN not found: install this checkout into .venv first (see the top of $0)" >&2; exit 2; }
 
-COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 export JAX_COORDINATOR_ADDRESS="${COORD_HOST}:12355"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"
 
-# One task per GPU: each sees one device; JAX_PROCESS_ID comes from the task's rank.
+# One task per GPU: each sees one device; JAX_PROCESS_ID comes from the task's rank. Where SLURM
+# already gave each task its own GPU (--gpus-per-task, --gpu-bind), CUDA_VISIBLE_DEVICES names one
+# device and is left alone; where every task sees the node's GPUs, task k keeps the k-th of them.
 cd "$REPO"
 srun --kill-on-bad-exit=1 bash -c '
-  export JAX_PROCESS_ID=$SLURM_PROCID CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
+  export JAX_PROCESS_ID=$SLURM_PROCID
+  if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
+  elif [[ "$CUDA_VISIBLE_DEVICES" == *,* ]]; then
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    export CUDA_VISIBLE_DEVICES=${visible[$SLURM_LOCALID]}
+  fi
   exec "$0" --config="$1" --workdir="$2" "${@:3}"' "$TRAIN" "$CONFIG" "$WORKDIR" "$@"
