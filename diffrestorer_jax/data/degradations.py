@@ -124,18 +124,21 @@ def as_fast_key(key: jax.Array) -> jax.Array:
     A threefry key's two words are tiled into rbg's four, so the mapping is deterministic; rbg
     streams are reproducible on one backend but may differ between CPU and accelerators.
     """
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):  # a legacy uint32 PRNGKey
-        key = jax.random.wrap_key_data(key)
+    key = _typed(key)
     if jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(0, impl="rbg")):
         return key
     data = jax.random.key_data(key)
     return jax.random.wrap_key_data(jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)]), impl="rbg")
 
 
+def _typed(key: jax.Array) -> jax.Array:
+    """A typed key; a legacy uint32 PRNGKey is wrapped as the threefry key it is."""
+    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
 def as_threefry_key(key: jax.Array) -> jax.Array:
     """A typed threefry key from a legacy uint32 PRNGKey or a typed threefry key."""
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+    key = _typed(key)
     if jax.random.key_impl(key) != jax.random.key_impl(jax.random.key(0)):
         raise ValueError("degradation rng 'threefry' needs a threefry key")
     return key
