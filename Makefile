@@ -5,8 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
+# The CUDA PJRT plugin for compiling GPU programs on this CPU host (diffrestorer-aot --topology h100x8),
+# kept in a folder of its own, outside the venv's site-packages: installed there, every JAX process
+# would log that CUDA is missing. Use it with PYTHONPATH=$(GPU_AOT) JAX_PLATFORMS=cpu.
+GPU_AOT := $(VENV)/gpu_aot
 
-.PHONY: install test demo demo-train app browser clean
+.PHONY: install test demo demo-train app browser gpu-aot clean
 
 $(RUNTIME): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +28,16 @@ $(STAMP): $(RUNTIME)
 
 install: $(STAMP)
 
+# The plugin must match the installed jax exactly; ptxas comes from nvidia-cuda-nvcc-cu12. Linux only
+# (no wheels elsewhere): when it cannot be installed, the GPU compile test skips and says why.
+gpu-aot: $(RUNTIME)
+	@test -f $(GPU_AOT)/.installed || { \
+	  v=$$($(PY) -c 'import jax; print(jax.__version__)'); \
+	  $(PY) -m pip install --quiet --no-deps --target $(GPU_AOT) "jax-cuda12-plugin==$$v" \
+	    "jax-cuda12-pjrt==$$v" "nvidia-cuda-nvcc-cu12<13" "nvidia-cuda-runtime-cu12<13" \
+	  && touch $(GPU_AOT)/.installed \
+	  || echo "could not install the CUDA PJRT plugin; the GPU compile test will skip"; }
+
 # The web app's browser test drives Debian's Chromium through chromium-driver. Installed here when
 # missing and we are root with apt-get; otherwise that test skips and says why.
 browser:
@@ -34,7 +48,7 @@ browser:
 	fi
 
 # Two workers, one test file each at a time: the suite is dominated by single-threaded XLA compiles.
-test: $(STAMP) browser
+test: $(STAMP) browser gpu-aot
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(RUNTIME)

@@ -1,6 +1,11 @@
-"""AOT compilation for a TPU topology on this CPU host (needs libtpu; skipped without it)."""
+"""AOT compilation for a TPU topology on this CPU host (needs libtpu; skipped without it), and for
+an 8-GPU host (needs the CUDA PJRT plugin: `make test` puts it in .venv/gpu_aot)."""
 
 import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -92,7 +97,7 @@ def test_gpu_cards_as_target_configs():
 
 
 @pytest.mark.skipif(not _installed("jax_plugins.xla_cuda12"),
-                    reason="needs the CUDA PJRT plugin (pip extra gpu_aot)")
+                    reason="needs the CUDA PJRT plugin in this process (see the test below)")
 def test_tiny_stage1_compiles_for_h100x8():
     c = _mini_tiny()
     c.model.attention_impl = "xla"
@@ -104,3 +109,25 @@ def test_tiny_stage1_compiles_for_h100x8():
     assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert 0 < r["memory"]["total"] < topology.accelerator("h100x8").hbm_bytes
     assert "FITS" in aot.format_report(r, topology.accelerator("h100x8"))
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+GPU_AOT = pathlib.Path(os.environ.get("DIFFRESTORER_GPU_AOT", REPO / ".venv" / "gpu_aot"))
+
+
+@pytest.mark.skipif(_installed("jax_plugins.xla_cuda12"), reason="the plugin is in this process: "
+                    "test_tiny_stage1_compiles_for_h100x8 runs here")
+@pytest.mark.skipif(not (GPU_AOT / ".installed").exists(),
+                    reason=f"needs the CUDA PJRT plugin in {GPU_AOT} (make gpu-aot)")
+def test_gpu_compile_in_the_plugins_own_folder():
+    """How the README says to compile for a GPU: the plugin's folder on PYTHONPATH and
+    JAX_PLATFORMS=cpu, kept out of every other JAX process. Runs the H100 compile test above in such
+    a process and asserts that it ran (passed, not skipped)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(GPU_AOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
+         "test_tiny_stage1_compiles_for_h100x8", str(pathlib.Path(__file__))],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "1 passed" in out and "skipped" not in out, out[-4000:]
