@@ -8,7 +8,8 @@
 #
 # JAX's SLURM detection (used by jax.distributed.initialize() in diffrestorer-train when
 # SLURM_NTASKS > 1) reads the coordinator, process count and id from the SLURM env; we also set
-# them explicitly so the launch works where auto-detection does not. WORKDIR must be on a file
+# them explicitly so the launch works where auto-detection does not (the coordinator listens on the
+# first node's port JAX_COORDINATOR_PORT, default 12355). WORKDIR must be on a file
 # system every node sees (or a gs:// bucket). Submitting the same job again resumes from the latest
 # checkpoint; SLURM's SIGTERM before the time limit or on preemption (--signal, sent to every task)
 # makes every process save the same step and exit 0, and --requeue puts the job back in the queue.
@@ -26,15 +27,17 @@ TRAIN="$REPO/.venv/bin/diffrestorer-train"
 [[ -x "$TRAIN" ]] || { echo "$TRAIN not found: install this checkout into .venv first (see the top of $0)" >&2; exit 2; }
 
 COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
-export JAX_COORDINATOR_ADDRESS="${COORD_HOST}:12355"
+export JAX_COORDINATOR_ADDRESS="${COORD_HOST}:${JAX_COORDINATOR_PORT:-12355}"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"
 
 # One task per GPU: each sees one device; JAX_PROCESS_ID comes from the task's rank. Where SLURM
 # already gave each task its own GPU (--gpus-per-task, --gpu-bind), CUDA_VISIBLE_DEVICES names one
 # device and is left alone; where every task sees the node's GPUs, task k keeps the k-th of them.
+# JAX_LOCAL_DEVICE_IDS=0: that one device is device 0 of the task. Unset, jax.distributed.initialize
+# sees SLURM and restricts task k to device k (SLURM_LOCALID), which does not exist when it sees one.
 cd "$REPO"
 srun --kill-on-bad-exit=1 bash -c '
-  export JAX_PROCESS_ID=$SLURM_PROCID
+  export JAX_PROCESS_ID=$SLURM_PROCID JAX_LOCAL_DEVICE_IDS=0
   if [[ -z "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     export CUDA_VISIBLE_DEVICES=$SLURM_LOCALID
   elif [[ "$CUDA_VISIBLE_DEVICES" == *,* ]]; then

@@ -2,10 +2,14 @@
 
 SLURM is not here: `srun` and `scontrol` are stand-ins on PATH that start two local tasks the way
 srun sets them up (SLURM_PROCID, SLURM_LOCALID), and diffrestorer-train is a stand-in that prints
-what it was given; the launch script itself is the real one."""
+what it was given, or joins the two tasks with the project's real jax.distributed start; the launch
+script itself is the real one."""
 import os
 import stat
 import subprocess
+import sys
+
+import portpicker
 
 import pytest
 
@@ -46,3 +50,46 @@ def test_each_task_gets_one_gpu(tmp_path, visible, want):
     lines = _launch(tmp_path, visible)
     assert lines == [f"task {k} gpu {g} args --config=configs/sd15.py:stage1 --workdir=/shared/run "
                      "--config.seed=1" for k, g in enumerate(want)]
+
+
+# diffrestorer-train's first step (cli/train.py), then what the process's GPU runtime would be told
+TRAIN_JOINS = f"""#!{sys.executable}
+import os
+import jax
+from jax._src import xla_bridge
+from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
+assert maybe_initialize_distributed()
+print(os.environ["JAX_PROCESS_ID"], os.environ["CUDA_VISIBLE_DEVICES"], xla_bridge.CUDA_VISIBLE_DEVICES.value,
+      jax.process_count(), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.parametrize("visible", [None, "4,5,6,7", "3"])
+def test_jax_distributed_asks_each_task_for_a_device_it_sees(tmp_path, visible):
+    """The two tasks join through the real jax.distributed.initialize (CPU here). JAX sees SLURM and
+    restricts each process's CUDA devices to `jax_cuda_visible_devices`: those are indices into the
+    task's CUDA_VISIBLE_DEVICES, one device, so only 0 exists. Before JAX_LOCAL_DEVICE_IDS=0 task 1
+    asked for device 1 (SLURM_LOCALID): on a GPU, an invalid device ordinal."""
+    bin_dir, submit = tmp_path / "bin", tmp_path / "checkout"
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    _executable(submit / ".venv" / "bin" / "diffrestorer-train", TRAIN_JOINS)
+    _executable(bin_dir / "scontrol", "#!/bin/bash\necho localhost\necho node-b\n")
+    _executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                'for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done\n'
+                'for p in "${pids[@]}"; do wait "$p" || exit 1; done\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NODELIST="localhost",
+               SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="7", SLURM_NTASKS="2", JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_PORT=str(portpicker.pick_unused_port()), PYTHONPATH=REPO)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    proc = subprocess.run(["bash", SCRIPT, "configs/tiny.py", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted(line.split() for line in proc.stdout.splitlines())
+    assert [r[0] for r in rows] == ["0", "1"] and all(r[3] == "2" for r in rows), proc.stdout
+    for _, cuda_visible, jax_ids, _ in rows:
+        sees = len(cuda_visible.split(","))
+        assert sees == 1 and all(int(i) < sees for i in jax_ids.split(",")), rows
