@@ -13,6 +13,8 @@ GPU_AOT := $(VENV)/gpu_aot
 .PHONY: install test demo demo-train app browser gpu-aot clean
 
 $(RUNTIME): setup.py
+	@test -x $(PY) || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "$(PYTHON) is $$($(PYTHON) -V 2>&1); diffrestorer_jax needs Python >= 3.11 (make PYTHON=python3.11 ...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .

@@ -8,7 +8,7 @@ setup(
     "steered by CLIP visual prompts) in JAX/Flax",
     packages=find_packages(include=["diffrestorer_jax", "diffrestorer_jax.*"]),
     package_data={"diffrestorer_jax.app": ["static/*"]},  # the web app's page
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # what jax 0.10, flax 0.12 and orbax 0.12 require
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
