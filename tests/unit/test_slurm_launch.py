@@ -59,8 +59,10 @@ import jax
 from jax._src import xla_bridge
 from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
 assert maybe_initialize_distributed()
-print(os.environ["JAX_PROCESS_ID"], os.environ["CUDA_VISIBLE_DEVICES"], xla_bridge.CUDA_VISIBLE_DEVICES.value,
-      jax.process_count(), flush=True)
+row = (os.environ["JAX_PROCESS_ID"], os.environ["CUDA_VISIBLE_DEVICES"], xla_bridge.CUDA_VISIBLE_DEVICES.value,
+       jax.process_count())
+with open(os.path.join(os.environ["REPORTS"], "task" + os.environ["JAX_PROCESS_ID"]), "w") as f:
+    f.write(" ".join(map(str, row)))  # a file per task: two tasks' prints can interleave on one pipe
 jax.distributed.shutdown()
 """
 
@@ -82,14 +84,15 @@ def test_jax_distributed_asks_each_task_for_a_device_it_sees(tmp_path, visible):
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NODELIST="localhost",
                SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="7", SLURM_NTASKS="2", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_PORT=str(portpicker.pick_unused_port()), PYTHONPATH=REPO)
+               JAX_COORDINATOR_PORT=str(portpicker.pick_unused_port()), PYTHONPATH=REPO,
+               REPORTS=str(tmp_path))
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     proc = subprocess.run(["bash", SCRIPT, "configs/tiny.py", str(tmp_path / "run")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = sorted(line.split() for line in proc.stdout.splitlines())
-    assert [r[0] for r in rows] == ["0", "1"] and all(r[3] == "2" for r in rows), proc.stdout
+    rows = [(tmp_path / f"task{k}").read_text().split() for k in (0, 1)]
+    assert [r[0] for r in rows] == ["0", "1"] and all(r[3] == "2" for r in rows), rows
     for _, cuda_visible, jax_ids, _ in rows:
         sees = len(cuda_visible.split(","))
         assert sees == 1 and all(int(i) < sees for i in jax_ids.split(",")), rows
