@@ -54,9 +54,10 @@ esac
 CONFIG=${1:?usage: $0 --setup | --logs | --stop | configs/<name>.py[:arg] [--config.x=y ...]}; shift
 : "${WORKDIR:?set WORKDIR (a gs:// bucket path every worker can write)}"
 ARGS=$(printf ' %q' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
-# setsid + nohup + no terminal: the run outlives the ssh session that starts it
+# setsid + nohup + no terminal: the run outlives the ssh session that starts it; HUP is ignored from
+# before the fork, so a hang-up that comes before setsid/nohup have run cannot end it either
 ssh_workers all "cd ~/$REMOTE_DIR && echo \"== \$(date -u): diffrestorer-train starts\" >> ~/train.log &&
-  { DIFFRESTORER_DISTRIBUTED=1 setsid nohup \$HOME/$REMOTE_DIR/.venv/bin/diffrestorer-train$ARGS >> ~/train.log 2>&1 < /dev/null & } &&
+  trap '' HUP && { DIFFRESTORER_DISTRIBUTED=1 setsid nohup \$HOME/$REMOTE_DIR/.venv/bin/diffrestorer-train$ARGS >> ~/train.log 2>&1 < /dev/null & } &&
   echo \"\$(hostname): training started (log: ~/train.log)\""
 if [[ "${FOLLOW:-1}" != 0 ]]; then
   echo "following worker 0's log; Ctrl-C stops following, not training ($0 --logs to follow again, --stop to stop)"
