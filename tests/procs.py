@@ -7,6 +7,7 @@ and the tests of the real commands (`command("diffrestorer-train")`, started the
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -24,6 +25,13 @@ def command(name: str) -> List[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: the commands are installed by `pip install -e .` (make install)")
     return [path]
+
+
+def executable(path, text: str) -> None:
+    """Write `text` to `path` (a pathlib.Path) as an executable file: stand-ins for srun, gcloud and
+    the installed commands in the launch-script tests."""
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
 def script(name: str) -> List[str]:

@@ -5,7 +5,6 @@ srun sets them up (SLURM_PROCID, SLURM_LOCALID), and diffrestorer-train is a sta
 what it was given, or joins the two tasks with the project's real jax.distributed start; the launch
 script itself is the real one."""
 import os
-import stat
 import subprocess
 import sys
 
@@ -13,23 +12,20 @@ import portpicker
 
 import pytest
 
+import procs
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "launch", "train_slurm.sh")
-
-
-def _executable(path, text):
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
 def _launch(tmp_path, visible):
     bin_dir, submit = tmp_path / "bin", tmp_path / "checkout"
     (submit / ".venv" / "bin").mkdir(parents=True)
     bin_dir.mkdir()
-    _executable(submit / ".venv" / "bin" / "diffrestorer-train",
+    procs.executable(submit / ".venv" / "bin" / "diffrestorer-train",
                 '#!/bin/bash\necho "task $JAX_PROCESS_ID gpu $CUDA_VISIBLE_DEVICES args $*"\n')
-    _executable(bin_dir / "scontrol", "#!/bin/bash\necho node-a\necho node-b\n")
-    _executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    procs.executable(bin_dir / "scontrol", "#!/bin/bash\necho node-a\necho node-b\n")
+    procs.executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                 'for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i "$@"; done\n')
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NODELIST="node-[a-b]",
@@ -76,9 +72,9 @@ def test_jax_distributed_asks_each_task_for_a_device_it_sees(tmp_path, visible):
     bin_dir, submit = tmp_path / "bin", tmp_path / "checkout"
     (submit / ".venv" / "bin").mkdir(parents=True)
     bin_dir.mkdir()
-    _executable(submit / ".venv" / "bin" / "diffrestorer-train", TRAIN_JOINS)
-    _executable(bin_dir / "scontrol", "#!/bin/bash\necho localhost\necho node-b\n")
-    _executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    procs.executable(submit / ".venv" / "bin" / "diffrestorer-train", TRAIN_JOINS)
+    procs.executable(bin_dir / "scontrol", "#!/bin/bash\necho localhost\necho node-b\n")
+    procs.executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                 'for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done\n'
                 'for p in "${pids[@]}"; do wait "$p" || exit 1; done\n')
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS")}

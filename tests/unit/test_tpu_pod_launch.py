@@ -8,10 +8,11 @@ exits 0 on SIGTERM, as the real one does after saving. The launch script itself 
 (What the real diffrestorer-train does with DIFFRESTORER_DISTRIBUTED=1 and SIGTERM is tested in
 tests/distributed/test_pod_launch.py.)"""
 import os
-import stat
 import subprocess
 import sys
 import time
+
+import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "launch", "train_tpu_pod.sh")
@@ -41,19 +42,14 @@ while True:
 """
 
 
-def _executable(path, text):
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def _setup(tmp_path):
     bin_dir, workers = tmp_path / "bin", tmp_path / "workers"
     bin_dir.mkdir()
-    _executable(bin_dir / "gcloud", GCLOUD)
+    procs.executable(bin_dir / "gcloud", GCLOUD)
     for w in (0, 1):
         venv_bin = workers / f"worker{w}" / "diffrestorer_jax" / ".venv" / "bin"
         venv_bin.mkdir(parents=True)
-        _executable(venv_bin / "diffrestorer-train", TRAIN)
+        procs.executable(venv_bin / "diffrestorer-train", TRAIN)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_WORKERS=str(workers),
                TPU_NAME="my-pod", ZONE="us-west4-a", FOLLOW="0")
     return workers, env
@@ -104,7 +100,7 @@ def _start_and_stop(workers, env):
 def test_setup_refuses_an_old_python(tmp_path):
     workers, env = _setup(tmp_path)
     old = tmp_path / "bin" / "python3.10"
-    _executable(old, '#!/bin/bash\n[[ "$1" == -V ]] && { echo "Python 3.10.12"; exit 0; }; exit 1\n')
+    procs.executable(old, '#!/bin/bash\n[[ "$1" == -V ]] && { echo "Python 3.10.12"; exit 0; }; exit 1\n')
     # `git archive` and `tpu-vm scp` come first: a checkout and an scp that copies to each worker
     scp = tmp_path / "bin" / "gcloud"
     scp.write_text(scp.read_text().replace('[[ "$1 $2 $3 $4" == "compute tpus tpu-vm ssh" ]]',
