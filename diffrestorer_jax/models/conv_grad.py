@@ -7,8 +7,9 @@ activation, this module computes that gradient as one matmul reading the kernel 
   Z[n, p, q, a, b, :] = W[a, b] @ dy[n, p, q],   dx = sum over taps (a, b) of Z shifted into place,
 (the same sum in another order), and the kernel gradient as patches(x)^T @ dy, in HWIO order.
 Elsewhere, and on every other platform (`lax.platform_dependent`, so AOT compiles for TPU are
-unaffected), the gradients are XLA's own. The forward pass is XLA's convolution, except for wide
-3x3 convolutions on CPU, which `conv_general_dilated` sends to `winograd` (its module doc says where).
+unaffected), the gradients are XLA's own. The forward pass is XLA's convolution, except on CPU for
+convolutions to few output channels (`narrow_conv`) and wide 3x3 ones (`winograd`), where
+`conv_general_dilated` sends them (each module's doc says where).
 
 Pass `conv_general_dilated` to `flax.linen.Conv(conv_general_dilated=...)`.
 """
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from diffrestorer_jax.models import winograd
+from diffrestorer_jax.models import narrow_conv, winograd
 
 # The matmul route is taken when the kernel holds at least this many times more values per output
 # channel than the output gradient has pixels (kh * kw * C_in >= RATIO * N * H_out * W_out): where
@@ -120,7 +121,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
                          precision=None, **kwargs):
     """`lax.conv_general_dilated` (same signature), with the CPU routes where they apply (2D
     NHWC/HWIO, explicit padding, no dilation, no groups): the gradients above for a large kernel,
-    Winograd's forward (`winograd.applies`) for a wide 3x3 one. Anything else goes to
+    one matmul plus shifted sums (`narrow_conv.applies`) where the output has few channels next to
+    the input, Winograd's forward (`winograd.applies`) for a wide 3x3 one. Anything else goes to
     `lax.conv_general_dilated` unchanged."""
     eligible = (lhs.ndim == 4 and rhs.ndim == 4 and not kwargs and feature_group_count == 1
                 and all(d == 1 for d in (lhs_dilation or (1, 1)))
@@ -133,6 +135,8 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
         if matmul_route_applies(lhs.shape, rhs.shape, strides, pads):
             y = _plain_conv(lax.stop_gradient(lhs), lax.stop_gradient(rhs), strides, pads, precision)
             return _attach_matmul_grads(strides, pads, precision)(y, lhs, rhs)
+        if narrow_conv.applies(lhs.shape, rhs.shape):
+            return narrow_conv.conv_on_cpu(lhs, rhs, strides, pads, precision)
         if winograd.applies(lhs.shape, rhs.shape, strides, pads, jnp.result_type(lhs, rhs)):
             return winograd.conv3x3_on_cpu(lhs, rhs, precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
