@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffrestorer_jax.models.conv_grad import conv_general_dilated
+from diffrestorer_jax.models.group_norm import GroupNorm  # noqa: F401 (re-exported: the networks' GroupNorm)
 
 Dtype = Any
 
@@ -60,14 +61,6 @@ def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any =
 def ZeroConv(features: int, kernel_size: int = 1, **kwargs) -> nn.Conv:
     """A convolution initialised to zero: a new branch that is the identity's no-op at step 0."""
     return Conv(features, kernel_size, kernel_init=nn.initializers.zeros_init(), **kwargs)
-
-
-def GroupNorm(num_groups: int = 32, *, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
-              param_dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.GroupNorm:
-    """GroupNorm with PyTorch's default epsilon (1e-5; Flax's default is 1e-6)."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                        name=name, scale_init=_partitioned(nn.initializers.ones_init(), ("norm",)),
-                        bias_init=_partitioned(nn.initializers.zeros_init(), ("norm",)))
 
 
 def LayerNorm(*, epsilon: float = 1e-5, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

@@ -1,0 +1,78 @@
+"""GroupNorm (PyTorch's epsilon, Flax's parameters) with statistics XLA's CPU backend reduces fast.
+
+Flax's GroupNorm reduces an NHWC activation over (H, W, channels of a group). XLA's CPU backend
+vectorises a reduction over the major axes only along the minor one it keeps, so with 16-64
+channels the loop is narrow and single-threaded: a per-channel sum of a 128x128x32 activation took
+0.64 ms against PyTorch's 0.10 (AVX-512 AMD EPYC, 2026-12-05), and GroupNorm + SiLU ran 2.5-3x
+slower than PyTorch's. On CPU the sums here first fold the pixels into a 128-wide minor axis
+([N, L, C] viewed as [N, L / k, k * C], k = 128 / C), which XLA vectorises (0.12 ms for that sum),
+then add the k copies and the group's channels on tiny arrays. The statistics are Flax's (mean and
+E[x^2] - mean^2 in float32, `use_fast_variance`) and so is the normalisation; only the summation
+order differs. Other platforms run Flax's GroupNorm itself (`lax.platform_dependent`), so TPU and GPU
+programs are unchanged. The parameters ('scale', 'bias', logical axis 'norm') and the module's name
+match nn.GroupNorm's, so checkpoints and converters see the same tree.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+_LANES = 128
+
+
+def channel_sums(x):
+    """sum over every axis but the first and last: [N, ..., C] -> [N, C], float32."""
+    n, c = x.shape[0], x.shape[-1]
+    length = math.prod(x.shape[1:-1])
+    k = _LANES // c if c < _LANES and _LANES % c == 0 else 1
+    while k > 1 and length % k:
+        k //= 2
+    x = x.astype(jnp.float32).reshape(n, length // k, k * c)
+    return x.sum(1).reshape(n, k, c).sum(1)
+
+
+def group_norm_cpu(x, scale, bias, *, groups: int, epsilon: float, dtype: Dtype):
+    """Flax's GroupNorm of x [N, ..., C] (fast variance) with the sums of `channel_sums`."""
+    n, c = x.shape[0], x.shape[-1]
+    count = math.prod(x.shape[1:-1]) * (c // groups)
+    xf = x.astype(jnp.float32)
+    mean = channel_sums(xf).reshape(n, groups, -1).sum(-1) / count
+    mean_sq = channel_sums(xf * xf).reshape(n, groups, -1).sum(-1) / count
+    var = jnp.maximum(0.0, mean_sq - mean * mean)
+    mul = jnp.repeat(lax.rsqrt(var + epsilon), c // groups, axis=-1) * scale.astype(jnp.float32)
+    shape = (n,) + (1,) * (x.ndim - 2) + (c,)
+    mean = jnp.repeat(mean, c // groups, axis=-1).reshape(shape)
+    y = (xf - mean) * mul.reshape(shape) + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the last (channel) axis in `num_groups` groups, epsilon 1e-5 by default
+    (PyTorch's; Flax's is 1e-6). Output in `dtype`."""
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"{self.num_groups} groups do not divide {c} channels")
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (c,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (c,), self.param_dtype)
+        flax_norm = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
+
+        def default(x_, scale_, bias_):
+            return flax_norm.apply({"params": {"scale": scale_, "bias": bias_}}, x_)
+
+        def cpu(x_, scale_, bias_):
+            return group_norm_cpu(x_, scale_, bias_, groups=self.num_groups, epsilon=self.epsilon,
+                                  dtype=self.dtype)
+        return lax.platform_dependent(x, scale, bias, cpu=cpu, default=default)

@@ -1,0 +1,70 @@
+"""The networks' GroupNorm (models/group_norm.py) is Flax's: same parameters, values and gradients;
+on CPU its sums run over a 128-wide minor axis, elsewhere it is nn.GroupNorm's program."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffrestorer_jax.models.layers import GroupNorm
+
+
+@pytest.mark.parametrize("shape,groups,dtype", [
+    ((2, 16, 16, 32), 8, jnp.float32),    # 32 channels: folded 4x into 128 lanes
+    ((1, 7, 5, 64), 32, jnp.float32),     # odd spatial size: fewer folds
+    ((2, 9, 320), 32, jnp.float32),       # token layout, channels wider than 128
+    ((2, 6, 6, 48), 4, jnp.bfloat16),     # 48 does not divide 128; bfloat16 output
+])
+def test_equals_flax_groupnorm(shape, groups, dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 1.5, jnp.float32)  # a mean away from 0
+    ours, flax_norm = GroupNorm(groups, dtype=dtype), nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype)
+    params = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, nn.unbox(params)) == jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(0), x))
+    assert nn.get_partition_spec(params)["params"]["scale"] == jax.sharding.PartitionSpec("norm")
+    params = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype),
+                          nn.unbox(params))
+
+    def run(module):
+        y = jax.jit(module.apply)(params, x)
+        grads = jax.jit(jax.grad(lambda p, x_: jnp.sum(jnp.sin(module.apply(p, x_).astype(jnp.float32))),
+                                 (0, 1)))(params, x)
+        return [y] + jax.tree.leaves(grads)
+
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    for got, want in zip(run(ours), run(flax_norm)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.max(jnp.abs(want.astype(jnp.float32)))))
+
+
+def test_module_name_and_tree_match_nn_groupnorm():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return GroupNorm(8)(GroupNorm(8, name="norm1")(x))
+
+    params = Net().init(jax.random.key(0), jnp.ones((1, 4, 4, 16)))["params"]
+    assert set(params) == {"norm1", "GroupNorm_0"} and set(params["norm1"]) == {"scale", "bias"}
+
+
+def test_cpu_sums_run_over_128_lanes():
+    x = jnp.ones((2, 16, 16, 32))
+    module = GroupNorm(8)
+    params = module.init(jax.random.key(0), x)
+    text = jax.jit(module.apply).lower(params, x).compile().as_text()
+    assert "f32[2,64,128]" in text  # [N, H*W / 4, 4 * 32]: the folded view the sums reduce
+
+
+def test_tpu_lowering_is_flax_groupnorm():
+    pytest.importorskip("libtpu")
+    from diffrestorer_jax.parallel import topology
+    sharding = jax.sharding.SingleDeviceSharding(topology.topology_devices("v5e-4")[0])
+    x = jnp.ones((2, 16, 16, 32))
+    module = GroupNorm(8)
+    params = nn.unbox(module.init(jax.random.key(0), x))
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+    lower = lambda m: jax.jit(m.apply).lower(jax.tree.map(spec, params), spec(x)).as_text(dialect="hlo")
+    ours, flax_text = lower(module), lower(nn.GroupNorm(num_groups=8, epsilon=1e-5))
+    assert "f32[2,64,128]" not in ours
+    assert ours.count(" reduce(") == flax_text.count(" reduce(")
