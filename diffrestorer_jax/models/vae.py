@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from diffrestorer_jax.models.attention import dot_product_attention
 from diffrestorer_jax.models.layers import Conv, Dense, GroupNorm, constrain
+from diffrestorer_jax.models.upsample_conv import UpsampleConv
 
 Dtype = Any
 IMAGE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_channels")
@@ -63,15 +64,14 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv."""
+    """Nearest-neighbour x2 then a 3x3 conv (`upsample_conv`: on CPU without the upsampled copy)."""
     channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return Conv(self.channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return UpsampleConv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
 class VAEAttention(nn.Module):
