@@ -4,6 +4,7 @@ built from diffusers parts, same size, batch and DDIM steps.
     python benchmarks/restore_throughput.py --size tiny --image 64 --batch 4 --steps 10 --reps 5
     python benchmarks/restore_throughput.py --size sd15 --image 256 --batch 2 --steps 4 --reps 3 \
         --sides ours_batched,ours_exact      # then --sides theirs,theirs_aware in another process
+    python benchmarks/restore_throughput.py --size tiny --split   # + one DDIM step vs the once-per-batch work
 
 Sides (run interleaved: one of each in turn, `--reps` times, after one warm-up call each; medians):
   ours_batched  `Restorer.restore_batch` (what diffrestorer-restore runs per batch: host -> device,
@@ -94,6 +95,9 @@ def main():
     ap.add_argument("--threads", type=int, help="pin this process to the first N CPUs and give PyTorch N "
                     "threads (XLA sizes its pool from the CPUs it may use): on a host loaded by other jobs, "
                     "1 keeps PyTorch's spinning thread pool from collapsing, so the two sides compare")
+    ap.add_argument("--split", action="store_true", help="also time every side at 1 DDIM step (interleaved with "
+                    "the rest) and print the time of one step and of the once-per-batch work (CLIP, prompts, "
+                    "LQ encode, decoding) from the two")
     ap.add_argument("--out", help="append the result (JSON) to this file")
     args = ap.parse_args()
     host.pin(args.threads)
@@ -112,18 +116,21 @@ def main():
     print(f"{stamp}; {host.load()}; jax {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     fns, build = {}, {}
-    for side in sides:
+    one_step = argparse.Namespace(**{**vars(args), "steps": 1})
+    runs = [(side, args) for side in sides] + ([(f"{side}@1", one_step) for side in sides] if args.split else [])
+    for side, run_args in runs:
         t0 = time.perf_counter()
-        if side.startswith("theirs"):
-            fns[side] = theirs(config, args, "aware" if side == "theirs_aware" else "vae")
+        kind = side.split("@")[0]
+        if kind.startswith("theirs"):
+            fns[side] = theirs(config, run_args, "aware" if kind == "theirs_aware" else "vae")
         else:
-            fns[side] = ours(config, args, side == "ours_exact")
+            fns[side] = ours(config, run_args, kind == "ours_exact")
         fns[side]()  # warm-up: compiles ours
         build[side] = time.perf_counter() - t0
         print(f"{side}: built and warmed up in {build[side]:.0f} s", flush=True)
-    times = {s: [] for s in sides}
+    times = {s: [] for s in fns}
     for _ in range(args.reps):
-        for s in sides:
+        for s in fns:
             t = time.perf_counter()
             fns[s]()
             times[s].append(time.perf_counter() - t)
@@ -132,7 +139,7 @@ def main():
               "size": args.size, "image": args.image, "batch": args.batch, "steps": args.steps,
               "reps": args.reps, "median_s": {s: statistics.median(v) for s, v in times.items()},
               "all_s": times, "warmup_s": build}
-    ips = {s: args.batch / v for s, v in result["median_s"].items()}
+    ips = {s: args.batch / result["median_s"][s] for s in sides}
     result["images_per_s"] = ips
     print(json.dumps(result), flush=True)
     print(f"{args.size}, {args.image}^2, batch {args.batch}, {args.steps} DDIM steps, {result['threads']} "
@@ -141,6 +148,11 @@ def main():
         for s in sides:
             if ref in ips and s.startswith("ours"):
                 print(f"  {s} / {ref}: {ips[s] / ips[ref]:.2f}x images/s")
+    if args.split and args.steps > 1:
+        med = result["median_s"]
+        for s in sides:
+            step = (med[s] - med[f"{s}@1"]) / (args.steps - 1)
+            print(f"  {s}: one DDIM step {step * 1e3:.1f} ms, once per batch {(med[f'{s}@1'] - step) * 1e3:.1f} ms")
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
