@@ -8,6 +8,7 @@ import pytest
 
 from diffrestorer_jax.models import layers, upsample_conv
 from diffrestorer_jax.models.upsample_conv import UpsampleConv
+from tpu_hlo import hlo_for_tpu
 
 
 @pytest.mark.parametrize("shape,features", [((2, 32, 32, 16), 8), ((1, 40, 36, 8), 12)])
@@ -41,12 +42,7 @@ def test_module_has_conv_parameters_and_takes_the_route_on_cpu():
 
 
 def test_tpu_lowering_upsamples_then_convolves():
-    pytest.importorskip("libtpu")
-    from diffrestorer_jax.parallel import topology
-    sharding = jax.sharding.SingleDeviceSharding(topology.topology_devices("v5e-4")[0])
     x = jnp.ones((1, 32, 32, 8))
     module = UpsampleConv(4)
-    params = nn.unbox(module.init(jax.random.key(0), x))
-    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-    text = jax.jit(module.apply).lower(jax.tree.map(spec, params), spec(x)).as_text(dialect="hlo")
+    text = hlo_for_tpu(module.apply, nn.unbox(module.init(jax.random.key(0), x)), x)
     assert "f32[1,64,64,8]" in text and "f32[1,33,33,16]" not in text
