@@ -49,9 +49,9 @@ BLOCKED_MIN_SCORES = 2 ** 17
 _LANES = 128  # the TPU kernel's sequence blocks are multiples of the 128-lane vreg width
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 # 'blocked': queries per tile and keys per block (1024 x 1024 float32 scores = 4 MiB, one head).
-# 1024 queries per tile (512 before 2026-12-05) were faster at every shape timed on the AVX-512 host:
-# one head of 1024 x 64 0.75x the time, SD's 32x32 level (8 heads of 40, batch 2) 0.81x, its 64x64
-# level 0.91x, 1024 queries x 257 keys 0.69x (benchmarks/RESULTS.md).
+# 1024 queries per tile (512 before 2026-12-05) were faster at every shape timed on the AVX-512 host
+# (benchmarks/cpu_ops.py): 0.81-0.94x the time for one head of 1024 x 64, SD's 32x32 level (batch 2,
+# 8 heads of 40), 8 heads of 80 at 1024 and SD's 64x64 level (4096 x 8 x 40).
 _BLOCK_Q, _BLOCK_K = 1024, 1024
 _target: Optional[str] = None
 

@@ -1,13 +1,13 @@
 """Convolutions with few output channels on CPU: one matmul against every tap, then shifted sums.
 
 XLA's CPU convolution is slow when the output has few channels next to the input (a network's last
-convolution to 3 or 4 channels, the decoder's fusion convolutions to 32): on the AMD EPYC hosts of
-2026-12-05, 320 -> 4 at 64x64 (SD's UNet conv_out, every denoising step) took 8.4 ms against 6.9
-for PyTorch, 128 -> 3 at 256x256 (SD's VAE conv_out) 34.8 ms. Written as
+convolution to 3 or 4 channels, the decoder's fusion convolutions to 32): on the AVX-512 AMD EPYC host of
+2026-12-05 (`benchmarks/cpu_ops.py`), 320 -> 4 at 64x64 (SD's UNet conv_out, every denoising step)
+took 7.6 ms against 2.6 for PyTorch, 128 -> 3 at 256x256 (SD's VAE conv_out) 41.9 ms. Written as
   Z[n, i, j, a, b, :] = x[n, i, j] @ W[a, b],   y[n, p, q] = sum over taps (a, b) of Z at the pixel
   (stride * p + a - pad_top, stride * q + b - pad_left)
-it is one matmul with C_out * kh * kw columns (no patch matrix) and a cheap sum: 1.4 and 6.9 ms
-there (benchmarks/RESULTS.md, "narrow convolutions"). With as many output channels as input ones
+it is one matmul with C_out * kh * kw columns (no patch matrix) and a cheap sum: 1.2 and 7.8 ms
+there (benchmarks/RESULTS.md). With as many output channels as input ones
 the matmul is 9x wider than the convolution's and the route loses, so it is taken only where the
 input has at least `MIN_CHANNEL_RATIO` times the output's channels, and only on CPU
 (`lax.platform_dependent`: TPU and GPU programs, AOT compiles included, are unchanged). The result

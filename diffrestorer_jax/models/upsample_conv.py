@@ -5,10 +5,11 @@ After a nearest x2 upsampling, each of the four output phases (row parity r, col
 rows (i-1, i) through kernel rows (w0, w1 + w2) and phase 1 rows (i, i+1) through (w0 + w1, w2);
 columns likewise. So the four phases are one 2x2 convolution of the (padded) input with 4x the
 output channels, then interleaved: 16 multiplies per input pixel and channel pair instead of 36,
-and no upsampled copy of the input. On the AVX-512 EPYC host (2026-12-05) that took the SD VAE's
-512-channel 64 -> 128 upsampling 608 -> 427 ms, 256 channels at 128 -> 256 827 -> 403 ms, the tiny
-VAE's 3.7 -> 2.5 ms; at 8-16 px inputs with 1280 channels it was slower (XLA's convolution with 4x
-the outputs), so it is taken from `MIN_INPUT_PIXELS` and only on CPU (`lax.platform_dependent`:
+and no upsampled copy of the input. On the AVX-512 EPYC host (2026-12-05, `benchmarks/cpu_ops.py`)
+that took the SD VAE's 512-channel 64 -> 128 upsampling 419 -> 231 ms, 256 channels at 128 -> 256
+450 -> 238 ms, the tiny VAE's 32-channel 64 -> 128 one 4.5 -> 2.8 ms (its 64-channel 32 -> 64 one is
+a wash); at 8-16 px inputs with 1280 channels it was slower (XLA's convolution with 4x the outputs),
+so it is taken from `MIN_INPUT_PIXELS` and only on CPU (`lax.platform_dependent`:
 TPU and GPU programs, AOT compiles included, are unchanged). The parameters are `layers.Conv`'s.
 The result differs from upsampling then convolving by float rounding (the summed kernel rows).
 """
