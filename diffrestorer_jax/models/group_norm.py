@@ -67,7 +67,7 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
                           (c,), self.param_dtype)
         flax_norm = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.epsilon, dtype=self.dtype,
-                                 param_dtype=self.param_dtype)
+                                 param_dtype=self.param_dtype, parent=None)  # applied as a function
 
         def default(x_, scale_, bias_):
             return flax_norm.apply({"params": {"scale": scale_, "bias": bias_}}, x_)
