@@ -20,6 +20,9 @@ Parts:
 Ours: warmed up (compiled before timing), `block_until_ready`. Theirs: `torch.no_grad()`, eval().
 Short calls are timed in blocks of back-to-back calls of >= 50 ms (`interleaved`; --no_blocks times
 each alone). --threads N pins both sides to N CPUs (on a host loaded by other jobs, use 1).
+--flops adds each part's model FLOPs (PyTorch's FlopCounterMode on the reference: matmuls,
+convolutions, attention; the same count for both sides), the rate each side reaches, and that rate
+against a large float32 GEMM's on this host (the most a matmul-bound part can reach here).
 """
 import argparse
 import math
@@ -69,6 +72,29 @@ def interleaved(fns, reps: int, blocks: bool = True):
                 f()
             times[k].append((time.perf_counter() - t) / calls[k])
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def model_flops(fn) -> int:
+    """FLOPs of one call of a PyTorch callable as torch.utils.flop_counter counts them (matmuls,
+    convolutions, attention; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def gemm_rates(n: int = 2048, reps: int = 7) -> dict:
+    """GFLOP/s of an n x n x n float32 matmul on this host, {'ours': XLA's, 'theirs': PyTorch's}:
+    what a part made only of large matmuls could reach."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    x, y = jnp.asarray(a), jnp.asarray(a.T.copy())
+    dot = jax.jit(jnp.dot)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(a.T.copy())
+    med = interleaved({"ours": lambda: dot(x, y).block_until_ready(), "theirs": lambda: ta @ tb}, reps)
+    return {k: 2 * n ** 3 / t / 1e9 for k, t in med.items()}
 
 
 def get_config(size: str):
@@ -361,6 +387,8 @@ def main():
     ap.add_argument("--side", default="both", choices=("both", "ours", "theirs"),
                     help="train part only: time one side in this process (when both do not fit in memory)")
     ap.add_argument("--threads", type=int, help="pin to the first N CPUs, PyTorch N threads (host.pin)")
+    ap.add_argument("--flops", action="store_true", help="also model FLOPs per part, the rate each side "
+                    "reaches and its share of a large GEMM's rate on this host")
     ap.add_argument("--no_blocks", action="store_true", help="time every call alone, short ones too (see "
                     "interleaved: the hand-over between the libraries' threads is then included)")
     args = ap.parse_args()
@@ -378,6 +406,10 @@ def main():
           f"({jax.devices()[0].platform}); torch {torch.__version__}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = []
+    gemm = gemm_rates() if args.flops else None
+    if gemm:
+        print(f"2048^3 float32 GEMM: ours {gemm['ours']:.0f} GFLOP/s, PyTorch {gemm['theirs']:.0f} GFLOP/s",
+              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.size.split(","):
             b = Bench(size, args.latent, tmp)
@@ -398,6 +430,12 @@ def main():
                 rows.append(row)
                 print(f"| {size} | {part} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.2f}x | "
                       f"({time.time() - t0:.0f} s incl. build/compile)", flush=True)
+                if gemm and part != "train" and "theirs" in fns:
+                    flops = model_flops(fns["theirs"])
+                    rate = {k: flops / (ms[k] / 1e3) / 1e9 for k in ("ours", "theirs")}
+                    print(f"|   {size} {part}: {flops / 1e9:.2f} GFLOP; ours {rate['ours']:.0f} GFLOP/s "
+                          f"({rate['ours'] / gemm['ours']:.0%} of its GEMM rate), PyTorch {rate['theirs']:.0f} "
+                          f"GFLOP/s ({rate['theirs'] / gemm['theirs']:.0%})", flush=True)
     how = "interleaved runs" if args.side == "both" else f"runs of {args.side} alone (--side)"
     print(f"\n{args.latent}x{args.latent} latent, batch 1, float32, median of {args.reps} {how}; "
           f"{host.stamp()}; {host.load()} at the end")
