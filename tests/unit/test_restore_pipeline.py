@@ -187,14 +187,14 @@ def test_tiled_memory_does_not_grow_with_the_image():
 
 
 def test_tiled_start_latent_is_the_blend_of_tile_encodes(setup):
-    """strength < 1 starts from the VAE latents of the LQ image; tiled, they are the Gaussian blend
+    """strength < 1 starts from the VAE latents of the LQ image; tiled, they are the weighted blend
     of the encodes of the image's tiles (here computed by hand, tile by tile)."""
     nets, params, _ = setup
     lq = smooth_images(1, 64, seed=5)
     settings = dataclasses.replace(SETTINGS, tile=8, tile_overlap=4, tile_batch=3)
     tiled = jax.jit(lambda x: pipeline.encode_start(nets, params, x, settings))(lq)
     encode = jax.jit(lambda x: dr.encode_latents(nets, params["vae"], x))
-    w = np.asarray(tiling.gaussian_tile_weights(8))[None, :, :, None]
+    w = np.asarray(tiling.tile_weights(8))[None, :, :, None]
     acc, norm = np.zeros((1, 16, 16, 4)), np.zeros((1, 16, 16, 1))
     for y, x in tiling.tile_positions(16, 16, 8, 4):
         acc[:, y:y + 8, x:x + 8] += w * np.asarray(encode(lq[:, 4 * y:4 * y + 32, 4 * x:4 * x + 32]))
