@@ -11,7 +11,7 @@ the model saw the most context, and falling to ~0 at its edges, so that where on
 share of the blend has already faded out; at 50% overlap the windows sum to one. (Gaussian weights,
 used until 2026-12-06, still weighed a tile's edge pixels at a quarter of its centre: where tiles
 restored differently, e.g. brightening a dark photo by different amounts, the blend jumped at every
-tile edge by up to 40% of their difference and the gallery showed the tile grid.) The blend is
+tile edge by 27-46% of their difference and the gallery showed the tile grid.) The blend is
 normalised by the summed weight per pixel, so a constant or identical-per-tile result is reproduced
 exactly; accumulation is float32 whatever the tiles' dtype, because bfloat16 sums of many tiles
 lose visible precision.
