@@ -17,14 +17,13 @@ ours against XLA's plain op first.
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import host  # noqa: E402
+from cpu_vs_torch import interleaved  # noqa: E402
 
 OPS = ("narrow_conv", "group_norm", "upsample_conv", "attention")
 SHAPES = {  # (batch, side, in channels, out channels) or, for attention, (batch, length, heads, head_dim)
@@ -33,19 +32,6 @@ SHAPES = {  # (batch, side, in channels, out channels) or, for attention, (batch
     "upsample_conv": [(1, 32, 64, 64), (1, 64, 32, 32), (1, 64, 512, 512), (1, 128, 256, 256)],
     "attention": [(1, 1024, 1, 64), (2, 1024, 8, 40), (1, 1024, 8, 80), (1, 4096, 8, 40)],
 }
-
-
-def interleaved(fns, reps):
-    for f in fns.values():
-        f()
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def sides(op, shape, rng):
@@ -119,7 +105,7 @@ def main():
     for op in args.ops.split(","):
         for shape in SHAPES[op]:
             with torch.no_grad():
-                ms = interleaved(sides(op, shape, rng), args.reps)
+                ms = {k: v * 1e3 for k, v in interleaved(sides(op, shape, rng), args.reps, blocks=False).items()}
             print(f"| {op} | {'x'.join(map(str, shape))} | {ms['xla']:.3f} | {ms['ours']:.3f} | {ms['torch']:.3f} "
                   f"| {ms['ours'] / ms['xla']:.2f}x | {ms['ours'] / ms['torch']:.2f}x |", flush=True)
     print(f"float32, medians of {args.reps} interleaved calls; torch threads {torch.get_num_threads()}; "

@@ -6,9 +6,9 @@ channels the loop is narrow: on the AVX-512 AMD EPYC host of 2026-12-05 a per-ch
 128x128x32 activation took 0.64 ms against PyTorch's 0.10 (an ad hoc timing), and GroupNorm + SiLU
 over 64x64x32 0.60 ms against 0.13 (`benchmarks/cpu_ops.py`). On CPU the sums here first fold the
 pixels into a 128-wide minor axis ([N, L, C] viewed as [N, L / k, k * C], k = 128 / C), which XLA
-vectorises (0.12 ms for that sum; the GroupNorm + SiLU 0.32 ms), then add the k copies and the group's channels on tiny arrays. The statistics are Flax's (mean and
-E[x^2] - mean^2 in float32, `use_fast_variance`) and so is the normalisation; only the summation
-order differs. Other platforms run Flax's GroupNorm itself (`lax.platform_dependent`), so TPU and GPU
+vectorises (0.12 ms for that sum; the GroupNorm + SiLU 0.32 ms), then add the k copies and the
+group's channels on tiny arrays. The statistics are Flax's (mean and E[x^2] - mean^2 in float32,
+`use_fast_variance`) and so is the normalisation; only the summation order differs. Other platforms run Flax's GroupNorm itself (`lax.platform_dependent`), so TPU and GPU
 programs are unchanged. The parameters ('scale', 'bias', logical axis 'norm') and the module's name
 match nn.GroupNorm's, so checkpoints and converters see the same tree.
 """
