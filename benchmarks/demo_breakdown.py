@@ -1,6 +1,7 @@
 """Where a demo checkpoint loses PSNR: per degradation type, the decoder given different latents.
 
     python benchmarks/demo_breakdown.py --checkpoint demo/checkpoint --photos astronaut chelsea
+    python benchmarks/demo_breakdown.py --dead-leaves 4    # the decoder's kind of training image
 
 Degrades the photos as `diffrestorer-demo` does (same types, same seed) and prints the mean PSNR
 against the clean photo of:
@@ -22,12 +23,23 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def dead_leaves_images(count: int, size: int) -> np.ndarray:
+    """`count` dead-leaves images [count, size, size, 3] coloured from the training photos (seed 1:
+    not the images `make demo-train` draws with seed 0)."""
+    from diffrestorer_jax.data import dead_leaves, demo_photos
+    palette = dead_leaves.photo_palette(demo_photos.train_photos(size))
+    rng = np.random.default_rng(1)
+    return np.stack([dead_leaves.dead_leaves(rng, size, palette) for _ in range(count)]).astype(np.float32)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=os.path.join(ROOT, "demo", "checkpoint"))
     ap.add_argument("--photos", nargs="+", default=["astronaut", "chelsea"])
     ap.add_argument("--fidelity", type=float, default=None, help="default: the demo's")
     ap.add_argument("--strength", type=float, default=None, help="default: the demo's")
+    ap.add_argument("--dead-leaves", type=int, default=0, metavar="N",
+                    help="instead of photos, N dead-leaves images (the stage-2 decoder's training kind)")
     args = ap.parse_args()
     import jax
     from diffrestorer_jax import export
@@ -35,12 +47,19 @@ def main():
     from diffrestorer_jax.metrics.psnr_ssim import psnr
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.tools import demo
+    from diffrestorer_jax.data import gallery
     from diffrestorer_jax.train import stage2
 
     settings = dict(demo.DEMO_SETTINGS)
     settings.update({k: v for k, v in (("fidelity", args.fidelity), ("strength", args.strength)) if v is not None})
     config, nets, params = export.load_export(args.checkpoint)
-    clean, lq, names = demo.degrade_photos(args.photos, int(config.image_size), 0)
+    size = int(config.image_size)
+    if args.dead_leaves:
+        args.photos = [f"dead leaves {i}" for i in range(args.dead_leaves)]
+        clean = dead_leaves_images(args.dead_leaves, size)
+        lq, names = gallery.degrade_each_type(clean, 0)
+    else:
+        clean, lq, names = demo.degrade_photos(args.photos, size, 0)
     n_photos, n_types = lq.shape[:2]
     hq_flat = np.repeat(clean, n_types, 0)
     lq_flat = lq.reshape((-1,) + lq.shape[2:])
