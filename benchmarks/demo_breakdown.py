@@ -23,15 +23,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def dead_leaves_images(count: int, size: int) -> np.ndarray:
-    """`count` dead-leaves images [count, size, size, 3] coloured from the training photos (seed 1:
-    not the images `make demo-train` draws with seed 0)."""
-    from diffrestorer_jax.data import dead_leaves, demo_photos
-    palette = dead_leaves.photo_palette(demo_photos.train_photos(size))
-    rng = np.random.default_rng(1)
-    return np.stack([dead_leaves.dead_leaves(rng, size, palette) for _ in range(count)]).astype(np.float32)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=os.path.join(ROOT, "demo", "checkpoint"))
@@ -47,7 +38,7 @@ def main():
     from diffrestorer_jax.metrics.psnr_ssim import psnr
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.tools import demo
-    from diffrestorer_jax.data import gallery
+    from diffrestorer_jax.data import dead_leaves, gallery
     from diffrestorer_jax.train import stage2
 
     settings = dict(demo.DEMO_SETTINGS)
@@ -56,7 +47,7 @@ def main():
     size = int(config.image_size)
     if args.dead_leaves:
         args.photos = [f"dead leaves {i}" for i in range(args.dead_leaves)]
-        clean = dead_leaves_images(args.dead_leaves, size)
+        clean = np.stack(list(dead_leaves.images(args.dead_leaves, size, seed=1)))  # not the recipe's seed 0
         lq, names = gallery.degrade_each_type(clean, 0)
     else:
         clean, lq, names = demo.degrade_photos(args.photos, size, 0)

@@ -20,7 +20,7 @@ Everything is drawn from `numpy.random.default_rng([seed, index])`: image i of a
 same picture, whatever else is generated.
 """
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -120,17 +120,23 @@ def photo_palette(photos: np.ndarray, count: int = 4096, seed: int = 0) -> np.nd
     return pixels[np.random.default_rng(seed).integers(0, len(pixels), count)]
 
 
-def write_folder(out_dir: str, count: int, size: int = 192, seed: int = 0, palette: Optional[np.ndarray] = None,
-                 prefix: str = "dead_leaves") -> int:
-    """Write `count` images `<prefix>_<i>.png` (size x size) for `config.data.kind = "hq_folder"`.
-    Default palette: the demo's training photos (never the held-out or validation ones)."""
-    from diffrestorer_jax.data.image_io import write_png
+def images(count: int, size: int, seed: int = 0, palette: Optional[np.ndarray] = None) -> Iterator[np.ndarray]:
+    """Images 0..count-1 of `seed`, one at a time ([size, size, 3] float32 in [0, 1]). Default palette:
+    the demo's training photos (never the held-out or validation ones)."""
     if palette is None:
         from diffrestorer_jax.data import demo_photos
         palette = photo_palette(demo_photos.train_photos(64), seed=seed)
-    os.makedirs(out_dir, exist_ok=True)
     for i in range(count):
-        image = dead_leaves(np.random.default_rng([seed, i]), size, palette)
+        yield dead_leaves(np.random.default_rng([seed, i]), size, palette)
+
+
+def write_folder(out_dir: str, count: int, size: int = 192, seed: int = 0, palette: Optional[np.ndarray] = None,
+                 prefix: str = "dead_leaves") -> int:
+    """Write `images(count, size, seed, palette)` as `<prefix>_<i>.png`, for
+    `config.data.kind = "hq_folder"`."""
+    from diffrestorer_jax.data.image_io import write_png
+    os.makedirs(out_dir, exist_ok=True)
+    for i, image in enumerate(images(count, size, seed, palette)):
         write_png(os.path.join(out_dir, f"{prefix}_{i:05d}.png"), image)
     return count
 

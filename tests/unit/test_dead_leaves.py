@@ -50,3 +50,12 @@ def test_cli_writes_the_images_write_folder_gives(tmp_path):
         name = f"dead_leaves_{i:05d}.png"
         np.testing.assert_array_equal(read_image(str(tmp_path / "cli" / name)), read_image(str(tmp_path / "lib" / name)))
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["dead_leaves_00000.png", "dead_leaves_00001.png"]
+
+
+def test_images_default_palette_is_the_training_photos():
+    """What `make demo-train` draws (write_folder's default palette) and demo_breakdown reads."""
+    from diffrestorer_jax.data import demo_photos
+    got = list(dead_leaves.images(2, 16, seed=3))
+    palette = dead_leaves.photo_palette(demo_photos.train_photos(64), seed=3)
+    assert len(got) == 2
+    np.testing.assert_array_equal(got[1], dead_leaves.dead_leaves(np.random.default_rng([3, 1]), 16, palette))
