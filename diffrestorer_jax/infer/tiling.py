@@ -8,13 +8,11 @@ The memory a tiled call needs is therefore the accumulator and the inputs (the s
 plus one chunk's activations, whatever the number of tiles. Overlapping tiles are blended with
 separable raised-cosine (Hann) weights, sin^2 across the tile: heaviest at a tile's centre, where
 the model saw the most context, and falling to ~0 at its edges, so that where one tile ends its
-share of the blend has already faded out; at 50% overlap the windows sum to one. (Gaussian weights,
-used until 2026-12-06, still weighed a tile's edge pixels at a quarter of its centre: where tiles
-restored differently, e.g. brightening a dark photo by different amounts, the blend jumped at every
-tile edge by 27-46% of their difference and the gallery showed the tile grid.) The blend is
-normalised by the summed weight per pixel, so a constant or identical-per-tile result is reproduced
-exactly; accumulation is float32 whatever the tiles' dtype, because bfloat16 sums of many tiles
-lose visible precision.
+share of the blend has already faded out; at 50% overlap the windows sum to one. (A Gaussian keeps a
+sizeable weight at a tile's edge, so where tiles restore differently the blend steps there and the
+tile grid shows.) The blend is normalised by the summed weight per pixel, so a constant or
+identical-per-tile result is reproduced exactly; accumulation is float32 whatever the tiles' dtype,
+because bfloat16 sums of many tiles lose visible precision.
 """
 from fractions import Fraction
 from typing import Callable, Sequence, Tuple, Union

@@ -8,8 +8,9 @@ over 64x64x32 0.60 ms against 0.13 (`benchmarks/cpu_ops.py`). On CPU the sums he
 pixels into a 128-wide minor axis ([N, L, C] viewed as [N, L / k, k * C], k = 128 / C), which XLA
 vectorises (0.12 ms for that sum; the GroupNorm + SiLU 0.32 ms), then add the k copies and the
 group's channels on tiny arrays. The statistics are Flax's (mean and E[x^2] - mean^2 in float32,
-`use_fast_variance`) and so is the normalisation; only the summation order differs. Other platforms run Flax's GroupNorm itself (`lax.platform_dependent`), so TPU and GPU
-programs are unchanged. The parameters ('scale', 'bias', logical axis 'norm') and the module's name
+`use_fast_variance`) and so is the normalisation; only the summation order differs. Other
+platforms run Flax's GroupNorm itself (`lax.platform_dependent`), so TPU and GPU programs are
+unchanged. The parameters ('scale', 'bias', logical axis 'norm') and the module's name
 match nn.GroupNorm's, so checkpoints and converters see the same tree.
 """
 import math
