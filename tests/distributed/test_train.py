@@ -219,6 +219,28 @@ def test_stage2_learns(pool, tmp_path, pixel_loss, sample_steps):
     assert np.mean(l1[-4:]) < np.mean(l1[:4]), l1
 
 
+def test_stage2_whose_gan_never_starts_leaves_the_discriminator_out(pool):
+    """gan_start_step >= num_steps: no discriminator in the program (fewer FLOPs), and the same
+    parameters as a run whose GAN has not started yet."""
+    runs, flops, params, metrics = [], [], [], []
+    for gan_start in (1000, 2000):  # in the program but off / never in it
+        c = small_config("stage2")
+        c.train.num_steps, c.train.gan_start_step = 2000, gan_start
+        run = Run(c, jax.devices()[:1], FAST)
+        cost = run.compile(paired_batch(pool, 0)).cost_analysis()
+        flops.append((cost[0] if isinstance(cost, list) else cost)["flops"])
+        state, frozen = run.init()
+        for s in range(3):
+            state, m = run.step(state, frozen, paired_batch(pool, s))
+        params.append(host(state))
+        metrics.append(host(m))
+    assert flops[1] < flops[0], flops  # this test's discriminator is small: 1% of the FLOPs here
+    assert "gan_d" in metrics[0] and "gan_d" not in metrics[1]
+    assert metrics[0]["l1"] == metrics[1]["l1"]
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_stage2_rejects_unknown_decoder_latents():
     from diffrestorer_jax.models import diffrestorer as dr
     from diffrestorer_jax.train import stage2
