@@ -12,7 +12,7 @@
 # close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stage 4 (never
 # seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for about 90 minutes on a 2-core CPU (see demo/README.md for the measured wall
+# Step counts are sized for about 100 minutes on a 2-core CPU (see demo/README.md for the measured wall
 # time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its last
 # checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
 # Override them with the environment:
@@ -22,10 +22,10 @@ cd "$(dirname "$0")/.."
 # The commands come from the project's venv (make demo-train puts .venv/bin first on PATH).
 RUN_DIR=${RUN_DIR:-workdir_demo}
 OUT=${OUT:-demo/checkpoint}
-VAE_STEPS=${VAE_STEPS:-400}
-UNET_STEPS=${UNET_STEPS:-200}
+VAE_STEPS=${VAE_STEPS:-3000}
+UNET_STEPS=${UNET_STEPS:-1000}
 S1_STEPS=${S1_STEPS:-1000}
-S2_STEPS=${S2_STEPS:-1200}
+S2_STEPS=${S2_STEPS:-3000}
 CONFIG=configs/tiny.py
 PHOTOS="$RUN_DIR/photos"
 DEAD_LEAVES="$RUN_DIR/dead_leaves"
@@ -40,12 +40,11 @@ python -m diffrestorer_jax.cli.demo_photos "$PHOTOS"
 if [ "$(find "$DEAD_LEAVES" -name 'dead_leaves_*.png' 2>/dev/null | wc -l)" -ne 600 ]; then
   python -m diffrestorer_jax.cli.demo_photos "$DEAD_LEAVES" --dead-leaves 600 --size 192 --seed 0
 fi
-# Stages 1-3 compile with XLA's backend optimisations off (--fast_compile), as when the shipped
-# checkpoint was trained, so that this run reproduces it. Their steps would run 2.5-3.4x faster at -O1
-# (measured 2026-12-05, 40 steps each, an AOT compile beside them: prior_vae 1.24 -> 0.49 s, prior_unet
-# 1.11 -> 0.37 s, stage1 1.56 -> 0.45 s per step), about 25 of the recipe's minutes; a change for the
-# next checkpoint, since -O1 may round differently (not checked).
-PHOTO_DATA=(--fast_compile --config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
+# Every stage compiles at XLA's CPU -O1: the prior's steps run 2.5-3.4x faster than at -O0 (measured
+# 2026-12-05), which pays for a prior trained 7.5x (VAE) and 5x (UNet) longer than before 2026-12-06,
+# and stage 2's 10-step sampler compiles in about a minute.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=1"
+PHOTO_DATA=(--config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
 
 stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
   local name=$1 steps=$2 lr=$3 init=$4
@@ -72,9 +71,7 @@ stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export" "${PHOTO_DATA[@]}"
 # clean crops get random intensity levels first (hq_levels_prob), so bright flat and dark clean images
 # are seen and left alone. A larger decoder (RDB growth 16, image-level fusion 64 wide) outputs a
 # correction of the LQ image (image_fusion_base=lq), trained for per-image PSNR (decoder_pixel_loss=psnr)
-# so a mildly degraded input weighs as much as a heavily degraded one. XLA's CPU backend at -O1 here:
-# the 10-step sampler inside the step runs much faster than at -O0 and compiles in about a minute.
-XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=1" \
+# so a mildly degraded input weighs as much as a heavily degraded one.
 stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" \
   --config.data.kind=hq_folder "--config.data.hq_dir=$DEAD_LEAVES" --config.train.gan_start_step=1000000 \
   --config.model.decoder.image_fusion_base=lq --config.model.decoder.image_fusion_width=64 \
