@@ -12,9 +12,9 @@
 # close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stage 4 (never
 # seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for about 100 minutes on a 2-core CPU (see demo/README.md for the measured wall
-# time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its last
-# checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
+# Step counts are sized for about 100 minutes on a 2-core CPU (see demo/README.md for the measured
+# wall time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its
+# last checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
 # Override them with the environment:
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
@@ -80,8 +80,9 @@ stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" \
   --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10
 
 # The data is indexed by step and every key derives from the seed, so a re-run can give the very
-# same parameters: a from-scratch run on a 2-core CPU VM gave the shipped ones bit for bit (demo/README.md;
-# other CPUs may round differently). Say whether this run did, before replacing it.
+# same parameters (the previous recipe's from-scratch run gave its shipped ones bit for bit; this one's
+# were made by these commands in resumed parts: demo/README.md; other CPUs may round differently).
+# Say whether this run did, before replacing it.
 if [ -d "$OUT" ]; then
   echo "== this run against the checkpoint it replaces ($OUT):"
   diffrestorer-compare-exports "$OUT" "$RUN_DIR/stage2/export" || true

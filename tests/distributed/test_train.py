@@ -222,7 +222,7 @@ def test_stage2_learns(pool, tmp_path, pixel_loss, sample_steps):
 def test_stage2_whose_gan_never_starts_leaves_the_discriminator_out(pool):
     """gan_start_step >= num_steps: no discriminator in the program (fewer FLOPs), and the same
     parameters as a run whose GAN has not started yet."""
-    runs, flops, params, metrics = [], [], [], []
+    flops, params, metrics = [], [], []
     for gan_start in (1000, 2000):  # in the program but off / never in it
         c = small_config("stage2")
         c.train.num_steps, c.train.gan_start_step = 2000, gan_start
