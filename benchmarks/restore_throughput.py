@@ -106,7 +106,7 @@ def main():
         ap.error(f"--sides: choose from {SIDES}")
     sys.path.insert(0, REPO)
     from diffrestorer_jax import xla_cpu
-    xla_cpu.set_cpu_defaults()  # before JAX starts: what the commands run with
+    xla_cpu.set_cpu_defaults(restore=True)  # before JAX starts: what the restore command runs with
     import jax
     import torch
     if args.threads:

@@ -76,7 +76,7 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    startup.prepare_process()
+    startup.prepare_process(restore=True)
     startup.quiet_console()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     from diffrestorer_jax.app import server, service

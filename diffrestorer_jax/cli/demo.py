@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # XLA CPU's LLVM at -O1: the 128-px photos go through the networks as 9 tiles for 10 sampler steps;
     # at -O0 (fastest to compile) the restoration took 180 s against 51 s at -O1 (2-core VM, 2026-12-05).
-    startup.prepare_process(backend_optimization_level=1)
+    startup.prepare_process(backend_optimization_level=1, restore=True)
     startup.quiet_console()
     from diffrestorer_jax.infer.restorer import RestoreError
     from diffrestorer_jax.tools import demo

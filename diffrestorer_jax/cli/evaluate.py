@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    startup.prepare_process()
+    startup.prepare_process(restore=True)
     startup.quiet_console()
     from diffrestorer_jax.infer.restorer import Restorer, RestoreError
     from diffrestorer_jax.tools import evaluate as ev

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     start = time.perf_counter()
     args, rest = build_parser().parse_known_args(argv)
-    startup.prepare_process()
+    startup.prepare_process(restore=True)
     startup.quiet_console()
     from diffrestorer_jax.parallel.mesh import maybe_initialize_distributed
     maybe_initialize_distributed()

@@ -10,11 +10,12 @@ from absl import logging as absl_logging
 from diffrestorer_jax import xla_cpu
 
 
-def prepare_process(backend_optimization_level: Optional[int] = None) -> None:
-    """XLA_FLAGS for this process, before JAX creates its client: the CPU defaults (xla_cpu.py) and,
-    when given (and XLA_FLAGS does not set it), XLA CPU's LLVM optimisation level (0 compiles small
-    programs about twice as fast; 1 compiles nearly as fast and runs elementwise work much faster)."""
-    xla_cpu.set_cpu_defaults()
+def prepare_process(backend_optimization_level: Optional[int] = None, *, restore: bool = False) -> None:
+    """XLA_FLAGS for this process, before JAX creates its client: the CPU defaults (xla_cpu.py; those
+    of a restoring command with `restore`) and, when given (and XLA_FLAGS does not set it), XLA CPU's
+    LLVM optimisation level (0 compiles small programs about twice as fast; 1 compiles nearly as fast
+    and runs elementwise work much faster)."""
+    xla_cpu.set_cpu_defaults(restore=restore)
     flags_now = os.environ.get("XLA_FLAGS", "")
     if backend_optimization_level is not None and "xla_backend_optimization_level" not in flags_now:
         os.environ["XLA_FLAGS"] = (f"{flags_now} --xla_backend_optimization_level="

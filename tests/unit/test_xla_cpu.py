@@ -7,21 +7,30 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from diffrestorer_jax.xla_cpu import YNN_FLAG, YNN_MATMULS_ONLY, set_cpu_defaults
+from diffrestorer_jax.xla_cpu import (CPU_TREE_REDUCTION_PASS, DISABLE_PASSES_FLAG, YNN_FLAG, YNN_MATMULS_ONLY,
+                                      set_cpu_defaults)
 
 
-def test_the_flag_is_added_once_and_a_users_choice_wins():
+def test_the_flags_are_added_once_and_a_users_choice_wins():
+    ynn = f"--{YNN_FLAG}={YNN_MATMULS_ONLY}"
+    tree = f"--{DISABLE_PASSES_FLAG}={CPU_TREE_REDUCTION_PASS}"
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert set_cpu_defaults(env)
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 --{YNN_FLAG}={YNN_MATMULS_ONLY}"
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {ynn}"  # no pass left out
     assert not set_cpu_defaults(env)  # already there: unchanged
-    assert env["XLA_FLAGS"].count(YNN_FLAG) == 1
-    mine = {"XLA_FLAGS": f"--{YNN_FLAG}="}
+    assert set_cpu_defaults(env, restore=True)  # a restoring command leaves out the tree rewriter too
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {ynn} {tree}"
+    assert not set_cpu_defaults(env, restore=True)
+    assert env["XLA_FLAGS"].count(YNN_FLAG) == 1 and env["XLA_FLAGS"].count(DISABLE_PASSES_FLAG) == 1
+    mine = {"XLA_FLAGS": f"--{YNN_FLAG}="}  # the user's YNNPACK choice stays; the other flag is added
     assert not set_cpu_defaults(mine) and mine["XLA_FLAGS"] == f"--{YNN_FLAG}="
+    assert set_cpu_defaults(mine, restore=True) and mine["XLA_FLAGS"] == f"--{YNN_FLAG}= {tree}"
+    passes = {"XLA_FLAGS": f"--{DISABLE_PASSES_FLAG}=cse"}  # a user's own pass list is left alone
+    assert set_cpu_defaults(passes, restore=True) and passes["XLA_FLAGS"] == f"--{DISABLE_PASSES_FLAG}=cse {ynn}"
     empty = {}
-    assert set_cpu_defaults(empty) and empty["XLA_FLAGS"] == f"--{YNN_FLAG}={YNN_MATMULS_ONLY}"
+    assert set_cpu_defaults(empty) and empty["XLA_FLAGS"] == ynn
     off = {"DIFFRESTORER_XLA_CPU_DEFAULTS": "0"}
-    assert not set_cpu_defaults(off) and "XLA_FLAGS" not in off
+    assert not set_cpu_defaults(off, restore=True) and "XLA_FLAGS" not in off
 
 
 def test_this_process_compiles_convolutions_with_xla_itself():
@@ -32,6 +41,17 @@ def test_this_process_compiles_convolutions_with_xla_itself():
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
     hlo = conv.lower(x, w).compile().as_text()
     assert "convolution(" in hlo and "ynn_fusion" not in hlo  # XLA's default makes it a ynn_fusion
+
+
+def test_the_restore_flag_names_a_pass_this_xla_runs():
+    """Leaving out the pass the restoring commands name keeps a softmax over 256 keys (the tiny UNet's
+    attention) as plain reductions; XLA CPU's default pipeline makes reduce-window trees of them. Fails
+    if a jaxlib renames the pass (the flag would then silently do nothing)."""
+    x = jnp.ones((4, 4, 256, 256))
+    softmax = jax.jit(lambda x: jax.nn.softmax(x, axis=-1)).lower(x)
+    assert "reduce-window" in softmax.compile().as_text()
+    hlo = softmax.compile(compiler_options={DISABLE_PASSES_FLAG: CPU_TREE_REDUCTION_PASS}).as_text()
+    assert "reduce(" in hlo and "reduce-window" not in hlo
 
 
 def test_importing_the_package_changes_no_flags():
@@ -60,3 +80,35 @@ def test_prepare_process_sets_the_backend_level_unless_given(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     startup.prepare_process()
     assert "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]
+    assert CPU_TREE_REDUCTION_PASS not in os.environ["XLA_FLAGS"]
+    startup.prepare_process(restore=True)
+    assert f"--{DISABLE_PASSES_FLAG}={CPU_TREE_REDUCTION_PASS}" in os.environ["XLA_FLAGS"]
+
+
+def test_the_restoring_commands_ask_for_the_restore_setting(monkeypatch, tmp_path):
+    """restore, evaluate, app and demo prepare their process with restore=True (train does not: its
+    trade-off is not measured); each stops at that call here, before any work."""
+    import importlib
+    from diffrestorer_jax.cli import startup
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(*args, restore=False, **kwargs):
+        seen["restore"] = restore
+        raise Stop
+
+    monkeypatch.setattr(startup, "prepare_process", record)
+    argv = {"restore": ["--checkpoint", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "o")],
+            "evaluate": ["--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+            "app": ["--checkpoint", str(tmp_path)], "demo": ["--out", str(tmp_path / "o")]}
+    for name, args in argv.items():
+        seen.clear()
+        module = importlib.import_module(f"diffrestorer_jax.cli.{name}")
+        try:
+            module.main(args)
+        except Stop:
+            pass
+        assert seen == {"restore": True}, name
