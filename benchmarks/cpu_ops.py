@@ -1,18 +1,20 @@
 """Single operations on this CPU where ours takes a CPU-only route: XLA's plain op, ours, PyTorch's.
 
-    python benchmarks/cpu_ops.py [--ops narrow_conv,group_norm,upsample_conv,attention] [--reps 21]
+    python benchmarks/cpu_ops.py [--ops narrow_conv,group_norm,upsample_conv,attention] [--reps 21] [--restore]
 
   narrow_conv    3x3 convolutions to few output channels: lax.conv_general_dilated vs
                  models/narrow_conv.py (one matmul + shifted sums) vs torch conv2d
   group_norm     GroupNorm + SiLU: flax's nn.GroupNorm vs models/group_norm.py (sums over a
-                 128-wide minor axis) vs torch GroupNorm + SiLU
+                 128-wide minor axis, windows of 32 rows first) vs torch GroupNorm + SiLU; the last
+                 four shapes are SD 1.5's VAE decoder at a 256² image
   upsample_conv  nearest x2 + 3x3 conv: repeat + XLA's conv vs models/upsample_conv.py (one 2x2
                  conv at the input's size) vs torch interpolate + conv2d
   attention      the CPU blocked attention with 512 vs 1024 queries per tile vs torch SDPA
 
 float32, batch 1 unless the shape says otherwise, the three sides interleaved after two warm-up
-calls each; medians. Ours runs with this project's XLA CPU setting (xla_cpu.py). Each row checks
-ours against XLA's plain op first.
+calls each; medians. Ours runs with this project's XLA CPU setting (xla_cpu.py): the training
+commands' by default, the restoring commands' (without XLA's tree_reduction_rewriter) with
+--restore. Each row checks ours against XLA's plain op first.
 """
 import argparse
 import functools
@@ -28,7 +30,8 @@ from cpu_vs_torch import interleaved  # noqa: E402
 OPS = ("narrow_conv", "group_norm", "upsample_conv", "attention")
 SHAPES = {  # (batch, side, in channels, out channels) or, for attention, (batch, length, heads, head_dim)
     "narrow_conv": [(1, 128, 16, 3), (1, 32, 32, 4), (1, 64, 320, 4), (1, 256, 128, 3), (1, 64, 544, 32)],
-    "group_norm": [(1, 32, 64, 8), (1, 64, 32, 8), (1, 128, 32, 8), (1, 128, 16, 8), (1, 64, 320, 32)],
+    "group_norm": [(1, 32, 64, 8), (1, 64, 32, 8), (1, 128, 32, 8), (1, 128, 16, 8), (1, 64, 320, 32),
+                   (1, 32, 512, 32), (1, 64, 512, 32), (1, 128, 256, 32), (1, 256, 128, 32)],
     "upsample_conv": [(1, 32, 64, 64), (1, 64, 32, 32), (1, 64, 512, 512), (1, 128, 256, 256)],
     "attention": [(1, 1024, 1, 64), (2, 1024, 8, 40), (1, 1024, 8, 80), (1, 4096, 8, 40)],
 }
@@ -93,12 +96,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--restore", action="store_true", help="the restoring commands' XLA CPU setting")
     args = ap.parse_args()
     sys.path.insert(0, host.REPO)
     from diffrestorer_jax.xla_cpu import set_cpu_defaults
-    set_cpu_defaults()
+    set_cpu_defaults(restore=args.restore)
     import torch
-    print(host.stamp(), flush=True)
+    print(host.stamp(), "restoring commands' XLA setting" if args.restore else "", flush=True)
     print("| op | shape | XLA's op ms | ours ms | PyTorch ms | ours / XLA's | ours / PyTorch |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)

@@ -65,3 +65,27 @@ def test_tpu_lowering_is_flax_groupnorm():
     flax_text = hlo_for_tpu(nn.GroupNorm(num_groups=8, epsilon=1e-5).apply, params, x)
     assert "f32[2,64,128]" not in ours
     assert ours.count(" reduce(") == flax_text.count(" reduce(")
+
+
+def test_cpu_sums_add_windows_of_rows_without_xla_tree_pass():
+    """The restoring commands leave out XLA's tree_reduction_rewriter; the sums over the pixels must
+    still run as a tree (windows of 32 rows, then their partial sums), not one slow column loop."""
+    from diffrestorer_jax import xla_cpu
+    x = jnp.ones((2, 64, 64, 512))
+    module = GroupNorm(32)
+    params = module.init(jax.random.key(0), x)
+    options = {xla_cpu.DISABLE_PASSES_FLAG: xla_cpu.CPU_TREE_REDUCTION_PASS}
+    text = jax.jit(module.apply).lower(params, x).compile(compiler_options=options).as_text()
+    assert "reduce-window(" in text and "f32[2,128,512]" in text  # 4096 rows -> 128 partial sums
+
+
+def test_cpu_sums_derivative_is_the_plain_sums():
+    """Training differentiates the sums as a plain sum (a broadcast), not through the windows."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 48)), jnp.float32)  # 40 rows: padded
+    from diffrestorer_jax.models.group_norm import channel_sums
+    np.testing.assert_allclose(channel_sums(x), np.asarray(x).sum(1), rtol=1e-6, atol=1e-5)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 48)), jnp.float32)
+    grad = jax.grad(lambda x_: jnp.sum(channel_sums(x_) * weights))
+    np.testing.assert_allclose(grad(x), np.broadcast_to(np.asarray(weights)[:, None], x.shape), rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(grad)(x))
+    assert jaxpr.count("reduce_window_sum") == 1  # the forward's only
