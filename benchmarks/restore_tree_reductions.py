@@ -6,10 +6,12 @@ The restoring commands leave out the `tree_reduction_rewriter` pass (diffrestore
 This compiles the restore command's own program (`infer.program.restore_program`, batched, float32,
 random weights as in restore_throughput.py) twice, once with the pass and once without (per-compile
 `compiler_options`), on the same inputs, and times the two interleaved (medians). Separate processes
-would be too noisy on a shared VM for a ~10% difference.
+would be too noisy on a shared VM for a ~10% difference. The program without the pass is traced
+with XLA_FLAGS naming it, as in the restoring commands (GroupNorm then builds its own sum trees).
 """
 import argparse
 import functools
+import os
 import statistics
 import sys
 import time
@@ -31,13 +33,15 @@ def compiled(config, nets, params, args, compiler_options):
     r = Restorer(config, nets, params, Options(steps=args.steps, sampler="ddim", batch_size=args.batch,
                                                num_devices=1, exact=False, dtype="float32",
                                                color_fix="none", tile=0))
-    real_jit = jax.jit
+    real_jit, flags = jax.jit, os.environ.get("XLA_FLAGS", "")
     program.restore_program.cache_clear()  # restore_program keeps its jitted programs: build afresh
     jax.jit = functools.partial(real_jit, compiler_options=compiler_options)
+    if compiler_options:  # read while tracing (models/group_norm.py), as the restoring commands set it
+        os.environ["XLA_FLAGS"] = " ".join([flags] + [f"--{k}={v}" for k, v in compiler_options.items()])
     try:
         prog = r.program(r.settings_for((args.image, args.image)))
     finally:
-        jax.jit = real_jit
+        jax.jit, os.environ["XLA_FLAGS"] = real_jit, flags
         program.restore_program.cache_clear()
     lq = np.random.default_rng(1).random((args.batch, args.image, args.image, 3), np.float32)
     ids = np.arange(args.batch, dtype=np.int32)

@@ -43,3 +43,13 @@ def set_cpu_defaults(env: MutableMapping[str, str] = os.environ, *, restore: boo
         return False
     env["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
     return True
+
+
+def tree_reduction_pass_disabled(env: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether env's XLA_FLAGS leave out XLA CPU's tree_reduction_rewriter (as the restoring commands
+    do), so that code which needs its reduction trees must build them itself (models/group_norm.py)."""
+    for flag in env.get("XLA_FLAGS", "").split():
+        name, _, value = flag.lstrip("-").partition("=")
+        if name == DISABLE_PASSES_FLAG and CPU_TREE_REDUCTION_PASS in value.split(","):
+            return True
+    return False

@@ -7,12 +7,12 @@ channels the loop is narrow: on the AVX-512 AMD EPYC host of 2026-12-05 a per-ch
 over 64x64x32 0.60 ms against 0.13 (`benchmarks/cpu_ops.py`). On CPU the sums here first fold the
 pixels into a 128-wide minor axis ([N, L, C] viewed as [N, L / k, k * C], k = 128 / C), which XLA
 vectorises (0.12 ms for that sum; the GroupNorm + SiLU 0.32 ms), then add the k copies and the
-group's channels on tiny arrays. Along the pixels they add windows of 32 rows first (an explicit
-`reduce_window`), then the partial sums: XLA's CPU loop over all rows at once is slow for these
-column sums (e.g. 12.6 against 0.9 ms over 64x64x512, ad hoc), and its own pass that builds such a
-tree (`tree_reduction_rewriter`) is left out by the restoring commands (xla_cpu.py) and does not
-apply to the multi-axis reductions XLA folds the view back into. Their derivative is the plain
-sum's (a broadcast), not the window's transpose, which trains slower. The statistics are Flax's (mean and E[x^2] - mean^2 in float32,
+group's channels on tiny arrays. XLA's CPU loop over all rows of such a column sum at once is
+slow (12.6 against 0.9 ms over 64x64x512, ad hoc); its `tree_reduction_rewriter` pass sums windows
+of 32 rows first, but the restoring commands leave that pass out (xla_cpu.py). Where XLA_FLAGS
+leaves it out, the sums here add windows of 32 rows themselves (an explicit `reduce_window`), with
+a plain sum's derivative (a broadcast, not the window's transpose); where it runs, the program is
+the pass's, so training is unchanged. The statistics are Flax's (mean and E[x^2] - mean^2 in float32,
 `use_fast_variance`) and so is the normalisation; only the summation order differs. Other
 platforms run Flax's GroupNorm itself (`lax.platform_dependent`), so TPU and GPU programs are
 unchanged. The parameters ('scale', 'bias', logical axis 'norm') and the module's name
@@ -26,11 +26,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from diffrestorer_jax import xla_cpu
+
 Dtype = Any
 _LANES = 128
 _WINDOW = 32
 
 
+@jax.custom_jvp
 def _window_sums(x):
     """x [N, L, C] summed over L: windows of _WINDOW rows first (zero-padded), then their sums."""
     length = x.shape[1]
@@ -40,7 +43,11 @@ def _window_sums(x):
     return x.sum(1)
 
 
-@jax.custom_jvp
+@_window_sums.defjvp
+def _window_sums_jvp(primals, tangents):
+    return _window_sums(primals[0]), tangents[0].sum(1)  # a plain sum: its transpose is a broadcast
+
+
 def channel_sums(x):
     """sum over every axis but the first and last: [N, ..., C] -> [N, C], float32."""
     n, c = x.shape[0], x.shape[-1]
@@ -49,14 +56,8 @@ def channel_sums(x):
     while k > 1 and length % k:
         k //= 2
     x = x.astype(jnp.float32).reshape(n, length // k, k * c)
-    return _window_sums(x).reshape(n, k, c).sum(1)
-
-
-@channel_sums.defjvp
-def _channel_sums_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    n, c = x.shape[0], x.shape[-1]
-    return channel_sums(x), dx.astype(jnp.float32).reshape(n, -1, c).sum(1)
+    sums = _window_sums(x) if xla_cpu.tree_reduction_pass_disabled() else x.sum(1)
+    return sums.reshape(n, k, c).sum(1)
 
 
 def group_norm_cpu(x, scale, bias, *, groups: int, epsilon: float, dtype: Dtype):

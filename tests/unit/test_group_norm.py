@@ -67,25 +67,41 @@ def test_tpu_lowering_is_flax_groupnorm():
     assert ours.count(" reduce(") == flax_text.count(" reduce(")
 
 
-def test_cpu_sums_add_windows_of_rows_without_xla_tree_pass():
-    """The restoring commands leave out XLA's tree_reduction_rewriter; the sums over the pixels must
-    still run as a tree (windows of 32 rows, then their partial sums), not one slow column loop."""
+
+def _without_xla_tree_pass(monkeypatch):
+    """XLA_FLAGS as the restoring commands set them (read when the sums are traced), and the same
+    option for this compile (the CPU client of the test process was made before)."""
     from diffrestorer_jax import xla_cpu
-    x = jnp.ones((2, 64, 64, 512))
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.DISABLE_PASSES_FLAG}={xla_cpu.CPU_TREE_REDUCTION_PASS}")
+    return {xla_cpu.DISABLE_PASSES_FLAG: xla_cpu.CPU_TREE_REDUCTION_PASS}
+
+
+def test_cpu_sums_add_windows_of_rows_without_xla_tree_pass(monkeypatch):
+    """Without XLA's tree_reduction_rewriter the sums over the pixels still run as a tree (windows of
+    32 rows, then their partial sums), not as one slow loop over all rows, and equal Flax's."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 512)), jnp.float32)
     module = GroupNorm(32)
     params = module.init(jax.random.key(0), x)
-    options = {xla_cpu.DISABLE_PASSES_FLAG: xla_cpu.CPU_TREE_REDUCTION_PASS}
-    text = jax.jit(module.apply).lower(params, x).compile(compiler_options=options).as_text()
-    assert "reduce-window(" in text and "f32[2,128,512]" in text  # 4096 rows -> 128 partial sums
+    want = jax.jit(nn.GroupNorm(num_groups=32, epsilon=1e-5).apply)(params, x)
+    options = _without_xla_tree_pass(monkeypatch)
+    compiled = jax.jit(module.apply).lower(params, x).compile(compiler_options=options)
+    assert "reduce-window(" in compiled.as_text() and "f32[2,128,512]" in compiled.as_text()  # 4096 rows -> 128
+    np.testing.assert_allclose(compiled(params, x), want, rtol=2e-5, atol=2e-5)
 
 
-def test_cpu_sums_derivative_is_the_plain_sums():
-    """Training differentiates the sums as a plain sum (a broadcast), not through the windows."""
+def test_cpu_sums_with_xla_tree_pass_are_its_program(monkeypatch):
+    """Where XLA's pass runs (training), the sums are plain ones: the pass builds the tree."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert "reduce_window" not in str(jax.make_jaxpr(GroupNorm(32).init)(jax.random.key(0), jnp.ones((1, 64, 64, 64))))
+
+
+def test_cpu_window_sums_derivative_is_the_plain_sums(monkeypatch):
+    """A windowed sum differentiates as a plain sum (a broadcast), not through the windows."""
+    _without_xla_tree_pass(monkeypatch)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 40, 48)), jnp.float32)  # 40 rows: padded
     from diffrestorer_jax.models.group_norm import channel_sums
     np.testing.assert_allclose(channel_sums(x), np.asarray(x).sum(1), rtol=1e-6, atol=1e-5)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 48)), jnp.float32)
     grad = jax.grad(lambda x_: jnp.sum(channel_sums(x_) * weights))
     np.testing.assert_allclose(grad(x), np.broadcast_to(np.asarray(weights)[:, None], x.shape), rtol=1e-6)
-    jaxpr = str(jax.make_jaxpr(grad)(x))
-    assert jaxpr.count("reduce_window_sum") == 1  # the forward's only
+    assert str(jax.make_jaxpr(grad)(x)).count("reduce_window_sum") == 1  # the forward's only

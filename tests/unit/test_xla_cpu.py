@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from diffrestorer_jax.xla_cpu import (CPU_TREE_REDUCTION_PASS, DISABLE_PASSES_FLAG, YNN_FLAG, YNN_MATMULS_ONLY,
-                                      set_cpu_defaults)
+                                      set_cpu_defaults, tree_reduction_pass_disabled)
 
 
 def test_the_flags_are_added_once_and_a_users_choice_wins():
@@ -31,6 +31,18 @@ def test_the_flags_are_added_once_and_a_users_choice_wins():
     assert set_cpu_defaults(empty) and empty["XLA_FLAGS"] == ynn
     off = {"DIFFRESTORER_XLA_CPU_DEFAULTS": "0"}
     assert not set_cpu_defaults(off, restore=True) and "XLA_FLAGS" not in off
+
+
+def test_tree_reduction_pass_disabled_reads_xla_flags():
+    """What models/group_norm.py asks before building its own reduction trees."""
+    restore, train = {}, {}
+    set_cpu_defaults(restore, restore=True)
+    set_cpu_defaults(train)
+    assert tree_reduction_pass_disabled(restore) and not tree_reduction_pass_disabled(train)
+    assert tree_reduction_pass_disabled({"XLA_FLAGS": f"-{DISABLE_PASSES_FLAG}=cse,{CPU_TREE_REDUCTION_PASS}"})
+    assert not tree_reduction_pass_disabled({"XLA_FLAGS": f"--{DISABLE_PASSES_FLAG}=cse"})
+    assert not tree_reduction_pass_disabled({"XLA_FLAGS": f"--{DISABLE_PASSES_FLAG}=tree-reduction-rewriter"})
+    assert not tree_reduction_pass_disabled({})
 
 
 def test_this_process_compiles_convolutions_with_xla_itself():
