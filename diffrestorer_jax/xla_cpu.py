@@ -7,10 +7,10 @@
   `tree_reduction_rewriter`. That pass rewrites every reduction over more than 32 elements into a
   reduce-window tree, each run as a loop of its own: it speeds the reductions over the pixels
   (GroupNorm, 2-3x) and slows those along the minor axis (softmax, LayerNorm), ~1,000 of them per
-  tiny restore. Without it the attention-heavy denoising steps run faster and the once-per-image VAE
-  work slower: same process, same inputs, the tiny restore 1.1x images/s at 10 DDIM steps and 1.2x
-  at 50; SD 1.5 at 256² and 12 steps even. Training keeps XLA's default (its trade-off is not
-  measured). Results move by float rounding (~1e-6). GPU's pass of that job is named
+  tiny restore. Without it the attention-heavy denoising steps run faster, and GroupNorm builds its
+  own trees for the pixels (`tree_reduction_pass_disabled`, models/group_norm.py): same process,
+  same inputs, the tiny restore 1.14x images/s at 10 DDIM steps; SD 1.5 at 256² and 12 steps 1.01x.
+  Training keeps XLA's default (so `make demo-train` keeps its rounding). Results move by float rounding (~1e-6). GPU's pass of that job is named
   `tree-reduction-rewriter` and is not touched; TPU programs compile the same either way.
 Measurements: benchmarks/RESULTS.md. GPU and TPU backends ignore the YNNPACK flag.
 
