@@ -5,8 +5,8 @@
   narrow_conv    3x3 convolutions to few output channels: lax.conv_general_dilated vs
                  models/narrow_conv.py (one matmul + shifted sums) vs torch conv2d
   group_norm     GroupNorm + SiLU: flax's nn.GroupNorm vs models/group_norm.py (sums over a
-                 128-wide minor axis, windows of 32 rows first) vs torch GroupNorm + SiLU; the last
-                 four shapes are SD 1.5's VAE decoder at a 256² image
+                 128-wide minor axis; with --restore in windows of 32 rows first) vs torch
+                 GroupNorm + SiLU; the last four shapes are SD 1.5's VAE decoder at a 256² image
   upsample_conv  nearest x2 + 3x3 conv: repeat + XLA's conv vs models/upsample_conv.py (one 2x2
                  conv at the input's size) vs torch interpolate + conv2d
   attention      the CPU blocked attention with 512 vs 1024 queries per tile vs torch SDPA
