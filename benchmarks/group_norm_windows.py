@@ -6,17 +6,17 @@ Without XLA's tree_reduction_rewriter (the restoring commands leave it out, xla_
 GroupNorm adds its pixels in windows of 32 rows itself (models/group_norm.py). This compiles
 `group_norm_cpu` + SiLU both ways in one process under that setting (the plain one traced as if
 XLA_FLAGS did not name the pass), at the tiny config's restore shapes and SD 1.5's VAE decoder's,
-and times them interleaved (medians), with each one's compile time.
+and times them interleaved after two warm-up calls each (medians), with each one's compile time.
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
 import host
+from cpu_vs_torch import interleaved  # noqa: E402  (same directory)
 
 sys.path.insert(0, host.REPO)
 from diffrestorer_jax import xla_cpu  # noqa: E402
@@ -60,14 +60,8 @@ def main():
     print("|---|---:|---:|---:|---:|---:|")
     for shape in SHAPES:
         (plain, c_plain), (windowed, c_windowed) = compiled(shape, False), compiled(shape, True)
-        plain(), windowed()
-        times = {"plain": [], "windowed": []}
-        for _ in range(args.reps):
-            for name, call in (("plain", plain), ("windowed", windowed)):
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-        m = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        m = {k: v * 1e3 for k, v in interleaved({"plain": plain, "windowed": windowed}, args.reps,
+                                                blocks=False).items()}
         print(f"| {'x'.join(map(str, shape))} | {m['plain']:.3f} | {m['windowed']:.3f} | "
               f"{m['plain'] / m['windowed']:.2f}x | {c_plain:.2f} | {c_windowed:.2f} |", flush=True)
     print(f"float32, medians of {args.reps} interleaved calls; groups 8 below 128 channels, else 32")
