@@ -20,3 +20,7 @@ xla_cpu.set_cpu_defaults()
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The CPU client starts now, with these flags. Tests call commands' mains in this process, and a main
+# sets XLA_FLAGS for its own process (the restoring ones leave out an XLA pass): were the client not
+# yet made, it would take those flags for every test after it.
+jax.devices()
