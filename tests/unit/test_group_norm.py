@@ -69,10 +69,8 @@ def test_tpu_lowering_is_flax_groupnorm():
 
 def _without_xla_tree_pass(monkeypatch):
     """XLA_FLAGS as the restoring commands set them (read when the sums are traced), and the same
-    option for this compile. The test process's CPU client is made first, with its own flags: one
-    made under these would keep them for every later test in the process."""
+    option for this compile (conftest made the process's CPU client with its own flags)."""
     from diffrestorer_jax import xla_cpu
-    jax.devices()
     monkeypatch.setenv("XLA_FLAGS", f"--{xla_cpu.DISABLE_PASSES_FLAG}={xla_cpu.CPU_TREE_REDUCTION_PASS}")
     return {xla_cpu.DISABLE_PASSES_FLAG: xla_cpu.CPU_TREE_REDUCTION_PASS}
 

@@ -98,8 +98,8 @@ def test_prepare_process_sets_the_backend_level_unless_given(monkeypatch):
 
 
 def test_the_restoring_commands_ask_for_the_restore_setting(monkeypatch, tmp_path):
-    """restore, evaluate, app and demo prepare their process with restore=True (train does not: its
-    trade-off is not measured); each stops at that call here, before any work."""
+    """restore, evaluate, app and demo prepare their process with restore=True (train does not: it
+    would change training's rounding); each stops at that call here, before any work."""
     import importlib
     from diffrestorer_jax.cli import startup
 
