@@ -57,8 +57,8 @@ demo: $(RUNTIME)
 	$(VENV)/bin/diffrestorer-demo
 
 # The web app on the shipped demo checkpoint: http://127.0.0.1:7860/ (PORT=... to change). The tiny
-# model compiles ~2x faster without LLVM's optimisations (diffrestorer-demo, which restores 128-px photos by
-# 9 tiles each, runs at -O1 instead: there the run time outweighs the compile).
+# model compiles ~2x faster without LLVM's optimisations (diffrestorer-demo, which restores 18 photos of
+# 128 px, runs at -O1 instead: there the run time outweighs the compile).
 PORT ?= 7860
 app: $(RUNTIME)
 	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(VENV)/bin/diffrestorer-app --checkpoint demo/checkpoint --port $(PORT)

@@ -65,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
         prediction_type="epsilon", rescale_zero_terminal_snr=False, min_snr_gamma=0.0))
+    # tile: the latent tile images larger than it are restored by (-1: the training size over the VAE
+    # factor; 0: never tile); the restore commands' --tile overrides it.
     c.sampler = ml_collections.ConfigDict(dict(name="ddim", steps=50, eta=0.0, guidance_scale=1.0,
-                                               strength=1.0))
+                                               strength=1.0, tile=-1))
 
     c.train = ml_collections.ConfigDict(dict(
         batch_size=16, num_steps=100_000, learning_rate=1e-5, warmup_steps=500, lr_schedule="constant",

@@ -67,17 +67,20 @@ stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export" "${PHOTO_DATA[@]}"
 # (decoder_predicted_prob=1, decoder_sample_steps=10): trained on VAE(HQ) or one-step latents it trusted
 # them and imprinted their texture and tint on unseen photos. Its clean images are dead leaves, which
 # the prior never saw, degraded at 128 px and cropped to the 64-px training size (degrade_size: the
-# degradations and the prompts of a 128-px photo that `make demo` restores by 64-px tiles). Six in ten
+# degradations and the prompts of a 128-px photo as `make demo` shows it). Six in ten
 # clean crops get random intensity levels first (hq_levels_prob), so bright flat and dark clean images
 # are seen and left alone. A larger decoder (RDB growth 16, image-level fusion 64 wide) outputs a
 # correction of the LQ image (image_fusion_base=lq), trained for per-image PSNR (decoder_pixel_loss=psnr)
-# so a mildly degraded input weighs as much as a heavily degraded one.
+# so a mildly degraded input weighs as much as a heavily degraded one. The export restores images up
+# to 256 px whole (sampler.tile=64 latent pixels), larger ones by 256-px tiles: the decoder restores
+# better with a whole photo than by tiles of its 64-px training size (demo/README.md).
 stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" \
   --config.data.kind=hq_folder "--config.data.hq_dir=$DEAD_LEAVES" --config.train.gan_start_step=1000000 \
   --config.model.decoder.image_fusion_base=lq --config.model.decoder.image_fusion_width=64 \
   --config.model.decoder.rdb_convs=5 --config.model.decoder.rdb_growth=16 \
   --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.6 --config.train.degrade_size=128 \
-  --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10
+  --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10 \
+  --config.sampler.tile=64
 
 # The data is indexed by step and every key derives from the seed, so a re-run can give the very
 # same parameters (the previous recipe's from-scratch run gave its shipped ones bit for bit; this one's

@@ -30,7 +30,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         "shard only when they would take more than half of a device's memory)")
     p.add_argument("--devices", type=int, help="use the first N local devices (default: all)")
     p.add_argument("--tile", type=int, help="latent tile size, used for images larger than it (default: "
-                   "the config's training size / VAE factor; 0: never tile)")
+                   "the checkpoint's sampler.tile, else its training size / VAE factor; 0: never tile)")
     p.add_argument("--tile-overlap", type=int, help="latent pixels (default: a quarter of the tile)")
     p.add_argument("--tile-batch", type=int, default=4,
                    help="tiles per network call: memory holds this many tiles' work, whatever the image "

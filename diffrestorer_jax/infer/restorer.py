@@ -68,7 +68,7 @@ class Options:
     fidelity: Optional[float] = None
     samples: int = 1  # posterior samples averaged per image (higher PSNR, softer detail, K x the time)
     color_fix: str = "none"  # none | wavelet | adain | auto (wavelet, never for haze / low light)
-    tile: Optional[int] = None  # latent tile; None: config.image_size // vae factor; 0: never tile
+    tile: Optional[int] = None  # latent tile; None: the config's sampler.tile; 0: never tile
     tile_overlap: Optional[int] = None  # latent pixels; None: a quarter of the tile
     tile_batch: int = 4  # tiles per network call (memory: one chunk of tiles, whatever the image)
     batch_size: int = 1
@@ -246,12 +246,15 @@ class Restorer:
         return settings, knobs
 
     def _latent_tile(self, o: Options) -> int:
-        """0 = never tile; else the latent tile (a multiple of the UNet's downsampling)."""
+        """0 = never tile; else the latent tile (a multiple of the UNet's downsampling): the given one,
+        else the config's `sampler.tile`, else (-1, or an export written before it existed) the
+        training size over the VAE factor."""
         step = self.multiple // self.nets.vae_factor
-        if o.tile is not None:
-            if o.tile and o.tile % step:
-                raise RestoreError(f"--tile {o.tile} must be a multiple of {step} (latent pixels)")
-            return int(o.tile)
+        tile = o.tile if o.tile is not None else int(self.config.sampler.get("tile", -1))
+        if tile >= 0:
+            if tile and tile % step:
+                raise RestoreError(f"--tile {tile} must be a multiple of {step} (latent pixels)")
+            return tile
         native = int(self.config.image_size) // self.nets.vae_factor
         return max(step, native // step * step)
 

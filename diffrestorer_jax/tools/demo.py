@@ -5,11 +5,12 @@ measure the result (`make demo`, `diffrestorer-demo`).
     run_inputs(checkpoint, specs, out_dir)  # a user's own images -> out_dir/restored/
 
 The held-out photos (coffee, rocket; never trained on) are centre-cropped, resized to DEMO_SIZE,
-degraded with each of the eight types and one mixed composition (fixed seed) and restored (by tiles of
-the checkpoint's training size); the gallery has a row per type and, per photo, the columns
-degraded | restored | clean, with the type the model predicted under each restored image; metrics.md
-has PSNR/SSIM of degraded, restored and the classical anchor (`metrics/classical.py`) against the
-clean photo, per type, with the settings used and the counts issue #25 sets as the demo's goal.
+degraded with each of the eight types and one mixed composition (fixed seed) and restored (whole:
+the shipped checkpoint's tile is larger than the photos); the gallery has a row per type and, per
+photo, the columns degraded | restored | clean, with the type the model predicted under each
+restored image; metrics.md has PSNR/SSIM of degraded, restored and the classical anchor
+(`metrics/classical.py`) against the clean photo, per type, with the settings used and the counts
+issue #25 sets as the demo's goal.
 """
 import json
 import os
@@ -30,8 +31,12 @@ DEFAULT_CHECKPOINT = os.path.join(REPO, "demo", "checkpoint")
 
 # The settings the shipped checkpoint is demonstrated with (metrics.md states them), chosen on the
 # validation photos (never trained on, never the held-out ones); demo/README.md says how.
-DEMO_SETTINGS = dict(steps=10, strength=1.0, fidelity=1.0, control_scale=None, color_fix="none", samples=1)
-# Side of the demo photos: large enough to see; the model restores them by tiles of its training size.
+# tile (latent pixels): None is the checkpoint's `sampler.tile`; the shipped one's is 64 (256 px), so the
+# demo photos go through whole: its decoder restores a photo better whole than by tiles of its 64-px
+# training size (demo/README.md, 2026-12-06).
+DEMO_SETTINGS = dict(steps=10, strength=1.0, fidelity=1.0, control_scale=None, color_fix="none", samples=1,
+                     tile=None)
+# Side of the demo photos: large enough to see.
 DEMO_SIZE = 128
 
 
@@ -44,7 +49,7 @@ def make_restorer(checkpoint, settings, seed):
     options = restorer_lib.Options(
         seed=seed, steps=settings["steps"], strength=settings["strength"], fidelity=settings["fidelity"],
         control_scale=settings["control_scale"], samples=settings["samples"],
-        color_fix=settings["color_fix"], batch_size=1, num_devices=1)
+        color_fix=settings["color_fix"], tile=settings["tile"], batch_size=1, num_devices=1)
     return restorer_lib.Restorer.from_export(checkpoint, options)
 
 
@@ -126,8 +131,9 @@ def _shown_path(path: str) -> str:
     return os.path.relpath(path, REPO) if path.startswith(REPO) else path
 
 
-def metrics_markdown(rows, settings, checkpoint, size, seed, photos, seconds):
-    """metrics.md's text, and `goal_summary(rows)`."""
+def metrics_markdown(rows, settings, checkpoint, size, seed, photos, seconds, tiled=None, tile=0):
+    """metrics.md's text, and `goal_summary(rows)`. tiled: the latent tile the images were restored
+    by, None when each went through whole; tile: the restorer's latent tile (0: never tiles)."""
     seen = [p for p in photos if p in demo_photos.TRAIN]
     held = "held out: never trained on" if not seen else f"TRAINING photos: {', '.join(seen)}"
     if not seen and set(photos) <= set(demo_photos.VALIDATION):
@@ -146,7 +152,9 @@ def metrics_markdown(rows, settings, checkpoint, size, seed, photos, seconds):
         + f", control scale {s['control_scale'] if s['control_scale'] is not None else 'config default'}"
         + (f", mean of {s['samples']} posterior samples per image" if s["samples"] > 1 else "")
         + (", no colour fix" if s["color_fix"] == "none" else f", colour fix {s['color_fix']}")
-        + ", no guidance.",
+        + ", no guidance; "
+        + (f"by tiles of {tiled} latent pixels." if tiled else "each image whole"
+           + (f" (tiles of {tile} latent pixels only for larger images)." if tile else ".")),
     ]
     g = goal_summary(rows)
     classical = "ahead_of_classical" in g  # every row has the anchor's columns
@@ -214,11 +222,13 @@ def run_held_out(checkpoint: str, out_dir: str, settings, size=None, photos=None
     write_png(os.path.join(out_dir, "gallery.png"),
               gallery_image(columns, names, photos, captions=captions) / 255.0)
     rows = type_metrics(clean, lq, restored, names, predicted, classical_rows)
-    text, goals = metrics_markdown(rows, settings, os.path.abspath(checkpoint), size, seed, photos, seconds)
+    text, goals = metrics_markdown(rows, settings, os.path.abspath(checkpoint), size, seed, photos, seconds,
+                                   tiled=out[0][1]["tile"], tile=restorer.latent_tile)
     with open(os.path.join(out_dir, "metrics.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(dict(settings=settings, size=size, seed=seed, rows=rows, goals=goals, seconds=seconds),
+        json.dump(dict(settings=settings, size=size, seed=seed, tiled=out[0][1]["tile"], rows=rows, goals=goals,
+                       seconds=seconds),
                   f, indent=2)
     print(text)
     print(f"wrote {os.path.join(out_dir, 'gallery.png')} and {os.path.join(out_dir, 'metrics.md')}")

@@ -57,6 +57,18 @@ def test_demo_gallery_and_metrics(tmp_path):
     assert data["goals"]["rows"] == 9 and "Ahead of the classical anchor on" in text
 
 
+def test_the_demo_photos_are_restored_whole():
+    """The shipped checkpoint's own tile (sampler.tile, 64 latent pixels) takes the demo's 128-px photos
+    whole: its decoder restores them better so than by tiles of its 64-px training size (demo/README.md).
+    Larger images are still tiled; nothing is compiled here."""
+    from diffrestorer_jax.tools import demo
+    r = demo.make_restorer(CHECKPOINT, demo.demo_settings(), 0)
+    assert r.latent_tile == 64
+    assert r.settings_for(r.bucket(demo.DEMO_SIZE, demo.DEMO_SIZE)).tile is None
+    assert r.settings_for(r.bucket(512, 512)).tile == 64
+    assert demo.make_restorer(CHECKPOINT, demo.demo_settings(tile=16), 0).settings_for((128, 128)).tile == 16
+
+
 def test_demo_input_mode(tmp_path):
     from diffrestorer_jax.data import demo_photos
     from diffrestorer_jax.data.image_io import read_image, write_png

@@ -367,6 +367,31 @@ def test_large_buckets_are_tiled(ckpt):
         Restorer.from_export(ckpt, Options(tile=7))
 
 
+def test_the_checkpoints_own_tile(tmp_path):
+    """An export's `sampler.tile` is its default latent tile (the shipped demo's restores 128-px photos
+    whole); --tile still overrides it, a bad one is refused before anything compiles, and an export
+    written before the key existed tiles by its training size."""
+    from diffrestorer_jax.infer.restorer import Options, RestoreError, Restorer
+    ckpt = tiny_export(tmp_path / "export")
+    cfg_path = os.path.join(ckpt, "config.json")
+    cfg = json.loads(open(cfg_path).read())
+    assert cfg["sampler"]["tile"] == -1  # the default: the training size (64 px = 16 latent)
+    assert Restorer.from_export(ckpt).settings_for((128, 128)).tile == 16
+    cfg["sampler"]["tile"] = 32
+    open(cfg_path, "w").write(json.dumps(cfg))
+    r = Restorer.from_export(ckpt)
+    assert r.latent_tile == 32 and r.settings_for((128, 128)).tile is None
+    assert r.settings_for((256, 256)).tile == 32
+    assert Restorer.from_export(ckpt, Options(tile=8)).settings_for((128, 128)).tile == 8
+    cfg["sampler"]["tile"] = 7
+    open(cfg_path, "w").write(json.dumps(cfg))
+    with pytest.raises(RestoreError, match="multiple of 2"):
+        Restorer.from_export(ckpt)
+    del cfg["sampler"]["tile"]
+    open(cfg_path, "w").write(json.dumps(cfg))
+    assert Restorer.from_export(ckpt).settings_for((128, 128)).tile == 16
+
+
 def test_samples_option_reaches_the_program_settings(ckpt):
     """--samples K becomes RestoreSettings.samples (the averaged posterior draws, tested in
     test_restore_pipeline.py); K < 1 is refused before anything is compiled."""
