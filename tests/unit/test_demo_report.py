@@ -43,6 +43,16 @@ def test_metrics_markdown_columns():
     assert "classical" not in text.split("| type |")[1]
 
 
+def test_metrics_markdown_says_how_the_photos_were_tiled():
+    rows, settings = _rows([1.0] * 9), demo.demo_settings()
+    whole, _ = demo.metrics_markdown(rows, settings, "/x/ckpt", 128, 0, ("coffee",), 3.0, tiled=None, tile=64)
+    assert "each image whole (tiles of 64 latent pixels only for larger images)." in whole
+    tiled, _ = demo.metrics_markdown(rows, settings, "/x/ckpt", 128, 0, ("coffee",), 3.0, tiled=16, tile=16)
+    assert "by tiles of 16 latent pixels." in tiled and "whole" not in tiled
+    never, _ = demo.metrics_markdown(rows, settings, "/x/ckpt", 512, 0, ("coffee",), 3.0, tiled=None, tile=0)
+    assert "each image whole." in never
+
+
 def test_gallery_captions_go_under_their_column():
     col = np.zeros((2, 16, 16, 3), np.float32)
     plain = demo.gallery_image([col, col, col], ["a", "b"], ["p"])
