@@ -76,6 +76,14 @@ def sampled_latents(nets: dr.Networks, frozen, schedule, prompts, lq, noise, num
     return samplers.sample(model_fn, noise, None, schedule, sampler="ddim", num_steps=num_steps)
 
 
+def shuffled_prompts(p_d, keys, prob: float):
+    """Each example's degradation prompt [B, ...] is, with probability `prob` (its key [B]), the next
+    example's in the batch (rolled by one), so the decoder cannot tell a swapped one from the prompt
+    alone."""
+    swap = jax.vmap(lambda k: jax.random.bernoulli(k, prob))(keys)
+    return jnp.where(swap.reshape((-1,) + (1,) * (p_d.ndim - 1)), jnp.roll(p_d, 1, axis=0), p_d)
+
+
 def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None):
     """`step(state, frozen, batch) -> (state, metrics)`, batch as in stage 1."""
     tcfg = config.train
@@ -102,13 +110,19 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
 
     levels = stage1.uses_hq_levels(config)
     crop = context_crop.degrade_size(config) > 0  # degrade a larger image, train on a crop of it
+    # The decoder sees another example's degradation prompt with this probability (the sampler keeps
+    # the right one), so it learns to check the prompt against the image instead of obeying it.
+    shuffle = float(tcfg.get("decoder_prompt_shuffle_prob", 0.0))
+    if not 0.0 <= shuffle <= 1.0:
+        raise ValueError(f"train.decoder_prompt_shuffle_prob={shuffle}: a probability in [0, 1]")
     # A run whose GAN never starts (gan_start_step >= num_steps) leaves the discriminator out of its
     # program: its passes, multiplied by zero, took ~10% of the demo recipe's stage-2 step.
     gan = int(tcfg.gan_start_step) < int(tcfg.num_steps)
 
     def step(state: st.TrainState, frozen: Dict[str, Any], batch):
         n_keys = 2 if p_predicted == 0.0 else 5
-        keys = st.step_keys(state, batch["index"], n_keys + int(levels) + int(crop))
+        keys = st.step_keys(state, batch["index"], n_keys + int(levels) + int(crop) + int(shuffle > 0))
+        k_crop = keys[n_keys + int(levels)] if crop else None
         if levels:  # the option keys come last, so the other draws are those of a run without them
             batch = dict(batch, hq=stage1.augment_hq(config, batch, keys[n_keys]))
         hq = batch["hq"].astype(jnp.float32)
@@ -119,7 +133,7 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
         lq, _ = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
         prompts = dr.visual_prompts(nets, frozen["prompt"], dr.clip_tokens(nets, frozen["clip"], lq))
         if crop:  # prompts from the whole image, everything else on the crop (as tiled inference)
-            hq, lq = context_crop.crop_pair(keys[-1], hq, lq, int(config.image_size))
+            hq, lq = context_crop.crop_pair(k_crop, hq, lq, int(config.image_size))
         if p_predicted == 0.0:
             z0 = dr.encode_latents(nets, frozen["vae"], hq, example_keys=k_lat)
         else:
@@ -135,6 +149,8 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
             use = jax.vmap(lambda k: jax.random.bernoulli(k, p_predicted))(k_mix)
             z0 = jnp.where(use[:, None, None, None], z_pred, z_hq)
         feats = dr.lq_features(nets, frozen["vae"], lq)
+        if shuffle > 0:
+            prompts = dict(prompts, degradation=shuffled_prompts(prompts["degradation"], keys[-1], shuffle))
         z0, feats, prompts = jax.lax.stop_gradient((z0, feats, prompts))
         gan_on = state.step >= int(tcfg.gan_start_step)
 

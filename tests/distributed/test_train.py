@@ -304,6 +304,54 @@ def test_stage2_rejects_negative_sample_steps():
         stage2.make_step(dr.build_networks(c.model), c, None, from_config(c.diffusion), None, None, lpips=())
 
 
+def test_stage2_prompt_shuffle_swaps_whole_prompts_with_the_asked_probability():
+    """train.decoder_prompt_shuffle_prob: a swapped example gets its neighbour's degradation prompt,
+    whole; the others keep theirs; 0 keeps every prompt, 1 swaps every one."""
+    from diffrestorer_jax.train import stage2
+    n = 2000
+    p_d = jnp.arange(n, dtype=jnp.float32)[:, None, None] * jnp.ones((1, 3, 5))
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    got = np.asarray(stage2.shuffled_prompts(p_d, keys, 0.3))
+    swapped = got[:, 0, 0] != np.arange(n)
+    np.testing.assert_array_equal(got[swapped], np.asarray(jnp.roll(p_d, 1, axis=0))[swapped])
+    np.testing.assert_array_equal(got[~swapped], np.asarray(p_d)[~swapped])
+    assert 0.26 < swapped.mean() < 0.34, swapped.mean()
+    np.testing.assert_array_equal(np.asarray(stage2.shuffled_prompts(p_d, keys, 0.0)), np.asarray(p_d))
+    np.testing.assert_array_equal(np.asarray(stage2.shuffled_prompts(p_d, keys, 1.0)),
+                                  np.asarray(jnp.roll(p_d, 1, axis=0)))
+
+
+def test_step_keys_are_a_prefix_whatever_the_count():
+    """The per-example options (hq_levels, degrade_size, the prompt shuffle) take keys after the
+    step's own: asking for more keys must not change the first ones, so a run with an option on draws
+    the same noise, timesteps and crops as one without it."""
+    import types
+    state = types.SimpleNamespace(rng=jax.random.PRNGKey(7), step=jnp.asarray(12))
+    ids = jnp.arange(4)
+    few, more = st.step_keys(state, ids, 5), st.step_keys(state, ids, 8)
+    for a, b in zip(few, more[:5]):  # raw uint32 keys [B, 2]
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(few[0]), np.asarray(few[1]))
+
+
+def test_stage2_prompt_shuffle_option_traces_and_is_checked():
+    """The option wires into the stage-2 step beside the other per-example options (degrade_size,
+    hq_levels: shapes only, no compile), and a probability outside [0, 1] is refused."""
+    from diffrestorer_jax.models import diffrestorer as dr
+    from diffrestorer_jax.parallel import sharding
+    from diffrestorer_jax.train import stage2
+    c = small_config("stage2")
+    c.train.decoder_prompt_shuffle_prob, c.train.degrade_size, c.train.hq_levels_prob = 0.3, 48, 0.5
+    run = Run(c, jax.devices()[:1], FAST)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in run.example_batch().items()}
+    with sharding.mesh_context(run.mesh, run.rules):
+        _, metrics = jax.eval_shape(run.step_fn, run.plan.state_target, run.plan.frozen_target, batch)
+    assert metrics["loss"].shape == ()
+    c.train.decoder_prompt_shuffle_prob = 1.5
+    with pytest.raises(ValueError, match="decoder_prompt_shuffle_prob=1.5"):
+        stage2.make_step(dr.build_networks(c.model), c, None, from_config(c.diffusion), None, None, lpips=())
+
+
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_hq_levels_option_traces_in_both_stages(tmp_path, stage):
     """train.hq_levels_prob > 0 (data/photometric.py, tested there) wires into both stages' steps:
