@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
         # decoder_sample_steps N > 0: 'predicted' is an N-step DDIM sample from noise instead
         decoder_latents="mixed", decoder_predicted_prob=0.5, decoder_max_timestep=0, decoder_sample_steps=0,
         decoder_pixel_loss="l1",  # or 'psnr': mean log10 MSE per image (train/stage2.py)
-        # stage 2: the decoder is shown another example's degradation prompt with this probability
+        # stage 2: the decoder is shown its batch neighbour's degradation prompt with this probability
         decoder_prompt_shuffle_prob=0.0,
         # stages 1 and 2: random intensity levels of clean images before degrading them, with this
         # probability per image (0 = off; data/photometric.py)

@@ -76,9 +76,13 @@ class App:
 
     # ------------------------------------------------------------------ status
     def tile_choices(self) -> List[int]:
-        step = self.restorer.multiple // self.restorer.nets.vae_factor
-        native = max(step, self.restorer.latent_tile or step)
-        return sorted({t for t in (native // 4, native // 2, native, native * 2) if t >= step and t % step == 0})
+        """Latent tiles the page offers: around the checkpoint's training size, and the restorer's own
+        tile (the checkpoint's sampler.tile or --tile) when it tiles at all."""
+        r = self.restorer
+        step = r.multiple // r.nets.vae_factor
+        native = max(step, int(r.config.image_size) // r.nets.vae_factor // step * step)
+        choices = {t for t in (native // 4, native // 2, native, native * 2) if t >= step and t % step == 0}
+        return sorted(choices | ({r.latent_tile} if r.latent_tile else set()))
 
     @staticmethod
     def public_settings(r: Restorer) -> Dict[str, Any]:

@@ -4,10 +4,11 @@
     diffrestorer-demo --input my.png dir/     # your own images -> demo_out/restored/ (no metrics)
 
 Without --input: the held-out photos (coffee, rocket; never trained on) are degraded with each of the
-eight synthetic types and one mixed composition (fixed seed) at 128x128 and restored (whole, with the shipped checkpoint); writes
-demo_out/gallery.png (a row per type; for each photo degraded | restored | clean, the type the model
-predicted under each restored image), demo_out/metrics.md and demo_out/metrics.json (PSNR/SSIM of
-degraded, restored and the classical scikit-image anchor against the clean photo, per type).
+eight synthetic types and one mixed composition (fixed seed) at 128x128 and restored (whole, with the
+shipped checkpoint); writes demo_out/gallery.png (a row per type; for each photo degraded | restored
+| clean, the type the model predicted under each restored image), demo_out/metrics.md and
+demo_out/metrics.json (PSNR/SSIM of degraded, restored and the classical scikit-image anchor against
+the clean photo, per type).
 """
 import argparse
 import os

@@ -247,13 +247,17 @@ class Restorer:
 
     def _latent_tile(self, o: Options) -> int:
         """0 = never tile; else the latent tile (a multiple of the UNet's downsampling): the given one,
-        else the config's `sampler.tile`, else (-1, or an export written before it existed) the
-        training size over the VAE factor."""
+        else the config's `sampler.tile`, else (-1: exports written before the key have it, through
+        `export.load_config`) the training size over the VAE factor."""
         step = self.multiple // self.nets.vae_factor
-        tile = o.tile if o.tile is not None else int(self.config.sampler.get("tile", -1))
+        given = o.tile is not None
+        tile = int(o.tile) if given else int(self.config.sampler.get("tile", -1))
+        source = "--tile" if given else "the checkpoint's sampler.tile"
+        if tile < (0 if given else -1):
+            raise RestoreError(f"{source} {tile} must be >= 0 (0: never tile)")
         if tile >= 0:
             if tile and tile % step:
-                raise RestoreError(f"--tile {tile} must be a multiple of {step} (latent pixels)")
+                raise RestoreError(f"{source} {tile} must be a multiple of {step} (latent pixels)")
             return tile
         native = int(self.config.image_size) // self.nets.vae_factor
         return max(step, native // step * step)

@@ -111,10 +111,14 @@ def make_step(nets: dr.Networks, config, tx, schedule, disc, disc_tx, lpips=None
     levels = stage1.uses_hq_levels(config)
     crop = context_crop.degrade_size(config) > 0  # degrade a larger image, train on a crop of it
     # The decoder sees another example's degradation prompt with this probability (the sampler keeps
-    # the right one), so it learns to check the prompt against the image instead of obeying it.
+    # the right one), so it learns to check the prompt against the image instead of obeying it. The
+    # other example is the next one in the step's batch, so this draw depends on the batch's order.
     shuffle = float(tcfg.get("decoder_prompt_shuffle_prob", 0.0))
     if not 0.0 <= shuffle <= 1.0:
         raise ValueError(f"train.decoder_prompt_shuffle_prob={shuffle}: a probability in [0, 1]")
+    if shuffle > 0 and int(tcfg.batch_size) < 2:
+        raise ValueError(f"train.decoder_prompt_shuffle_prob={shuffle} needs a batch of 2 or more "
+                         f"(train.batch_size={int(tcfg.batch_size)}): prompts are swapped within the batch")
     # A run whose GAN never starts (gan_start_step >= num_steps) leaves the discriminator out of its
     # program: its passes, multiplied by zero, took ~10% of the demo recipe's stage-2 step.
     gan = int(tcfg.gan_start_step) < int(tcfg.num_steps)

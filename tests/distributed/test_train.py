@@ -334,6 +334,36 @@ def test_step_keys_are_a_prefix_whatever_the_count():
     assert not np.array_equal(np.asarray(few[0]), np.asarray(few[1]))
 
 
+def test_stage2_prompt_shuffle_reaches_the_decoder_only(pool, monkeypatch):
+    """With the option on, the sampler still gets each example's own degradation prompt and the
+    decoder its neighbour's (probability 1 here: every one swapped); read out of the compiled step."""
+    from diffrestorer_jax.models import diffrestorer as dr
+    from diffrestorer_jax.train import stage2
+    c = small_config("stage2")
+    c.train.decoder_latents, c.train.decoder_sample_steps = "predicted", 1
+    c.train.decoder_prompt_shuffle_prob = 1.0
+    seen, real_sample, real_decode = {}, stage2.sampled_latents, dr.decode
+
+    def keep(name):
+        return lambda x: seen.__setitem__(name, np.asarray(x))
+
+    def sample(nets, frozen, schedule, prompts, *args, **kwargs):
+        jax.debug.callback(keep("sampler"), prompts["degradation"])
+        return real_sample(nets, frozen, schedule, prompts, *args, **kwargs)
+
+    def decode(nets, params, z0, features, prompts, *args, **kwargs):
+        jax.debug.callback(keep("decoder"), prompts["degradation"])
+        return real_decode(nets, params, z0, features, prompts, *args, **kwargs)
+    monkeypatch.setattr(stage2, "sampled_latents", sample)
+    monkeypatch.setattr(dr, "decode", decode)
+    run = Run(c, jax.devices()[:1], FAST)
+    state, frozen = run.init()
+    jax.block_until_ready(run.step(state, frozen, paired_batch(pool, 0)))
+    jax.effects_barrier()
+    assert not np.array_equal(seen["decoder"], seen["sampler"])
+    np.testing.assert_array_equal(seen["decoder"], np.roll(seen["sampler"], 1, axis=0))
+
+
 def test_stage2_prompt_shuffle_option_traces_and_is_checked():
     """The option wires into the stage-2 step beside the other per-example options (degrade_size,
     hq_levels: shapes only, no compile), and a probability outside [0, 1] is refused."""
@@ -349,6 +379,9 @@ def test_stage2_prompt_shuffle_option_traces_and_is_checked():
     assert metrics["loss"].shape == ()
     c.train.decoder_prompt_shuffle_prob = 1.5
     with pytest.raises(ValueError, match="decoder_prompt_shuffle_prob=1.5"):
+        stage2.make_step(dr.build_networks(c.model), c, None, from_config(c.diffusion), None, None, lpips=())
+    c.train.decoder_prompt_shuffle_prob, c.train.batch_size = 0.3, 1
+    with pytest.raises(ValueError, match="needs a batch of 2 or more"):
         stage2.make_step(dr.build_networks(c.model), c, None, from_config(c.diffusion), None, None, lpips=())
 
 

@@ -68,6 +68,8 @@ def test_page_and_status(app):
     assert s["defaults"]["steps"] == 1 and s["batching"]["batch_sizes"] == [1, 2]
     assert s["batching"]["programs"] == {"64x64 ddim 1 steps": [1, 2]}
     assert s["limits"]["max_images"] == 6 and s["limits"]["max_upload_bytes"] == 1 << 20
+    # tiles around the training size (16 latent pixels) and the checkpoint's own (sampler.tile = 64)
+    assert s["choices"]["tile"] == [4, 8, 16, 32, 64] and s["defaults"]["tile"] == "auto"
 
 
 def test_restore_keeps_size_and_writes_sidecar(app):

@@ -55,11 +55,12 @@ def test_demo_gallery_and_metrics(tmp_path):
         assert len(r["predicted"]) == 2 and set(r["predicted"]) <= set(DEGRADATION_TYPES), r
         assert r["classical_method"] in text and np.isfinite(r["classical_psnr"]), r
     assert data["goals"]["rows"] == 9 and "Ahead of the classical anchor on" in text
+    assert data["tiled"] is None and "each image whole (tiles of 64 latent pixels" in text
 
 
 def test_the_demo_photos_are_restored_whole():
     """The shipped checkpoint's own tile (sampler.tile, 64 latent pixels) takes the demo's 128-px photos
-    whole: its decoder restores them better so than by tiles of its 64-px training size (demo/README.md).
+    whole: its decoder restores them better than by tiles of its 64-px training size (demo/README.md).
     Larger images are still tiled; nothing is compiled here."""
     from diffrestorer_jax.tools import demo
     r = demo.make_restorer(CHECKPOINT, demo.demo_settings(), 0)

@@ -383,10 +383,14 @@ def test_the_checkpoints_own_tile(tmp_path):
     assert r.latent_tile == 32 and r.settings_for((128, 128)).tile is None
     assert r.settings_for((256, 256)).tile == 32
     assert Restorer.from_export(ckpt, Options(tile=8)).settings_for((128, 128)).tile == 8
-    cfg["sampler"]["tile"] = 7
-    open(cfg_path, "w").write(json.dumps(cfg))
-    with pytest.raises(RestoreError, match="multiple of 2"):
-        Restorer.from_export(ckpt)
+    with pytest.raises(RestoreError, match="--tile -1 must be >= 0"):
+        Restorer.from_export(ckpt, Options(tile=-1))
+    for bad, message in ((7, "checkpoint's sampler.tile 7 must be a multiple of 2"),
+                         (-2, "checkpoint's sampler.tile -2 must be >= 0")):
+        cfg["sampler"]["tile"] = bad
+        open(cfg_path, "w").write(json.dumps(cfg))
+        with pytest.raises(RestoreError, match=message):
+            Restorer.from_export(ckpt)
     del cfg["sampler"]["tile"]
     open(cfg_path, "w").write(json.dumps(cfg))
     assert Restorer.from_export(ckpt).settings_for((128, 128)).tile == 16
