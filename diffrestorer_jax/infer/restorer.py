@@ -247,11 +247,11 @@ class Restorer:
 
     def _latent_tile(self, o: Options) -> int:
         """0 = never tile; else the latent tile (a multiple of the UNet's downsampling): the given one,
-        else the config's `sampler.tile`, else (-1: exports written before the key have it, through
-        `export.load_config`) the training size over the VAE factor."""
+        else the config's `sampler.tile`, else (-1, also what `export.load_config` gives exports written
+        before the key) the training size over the VAE factor."""
         step = self.multiple // self.nets.vae_factor
         given = o.tile is not None
-        tile = int(o.tile) if given else int(self.config.sampler.get("tile", -1))
+        tile = int(o.tile) if given else int(self.config.sampler.tile)
         source = "--tile" if given else "the checkpoint's sampler.tile"
         if tile < (0 if given else -1):
             raise RestoreError(f"{source} {tile} must be >= 0 (0: never tile)")
