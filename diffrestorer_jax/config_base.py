@@ -59,8 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.discriminator = dict(base_channels=64, n_layers=3)  # stage-2 PatchGAN (train/discriminator.py)
 
     # Pretrained weights users bring (diffusers folders, single-file SD, HF / OpenAI CLIP), or None
-    # for a random init (tests, the from-scratch demo prior).
-    c.weights = ml_collections.ConfigDict(dict(unet="", vae="", clip="", init_from=""))
+    # for a random init (tests, the from-scratch demo prior). init_trained: the networks the stage
+    # trains start from init_from's export too (fine-tuning an export, e.g. at another image size)
+    # instead of a fresh init (control from the UNet, decoder from the VAE).
+    c.weights = ml_collections.ConfigDict(dict(unet="", vae="", clip="", init_from="", init_trained=False))
 
     c.diffusion = ml_collections.ConfigDict(dict(
         schedule="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

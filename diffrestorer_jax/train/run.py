@@ -28,10 +28,15 @@ def load_given(config, nets: dr.Networks) -> Dict[str, Any]:
     frozen = st.frozen_names(config.stage)
     given: Dict[str, Any] = {}
     w = config.weights
+    if w.init_trained and not w.init_from:
+        raise ValueError("weights.init_trained=True needs weights.init_from: the export whose trained "
+                         "networks the run fine-tunes")
     if w.init_from:
         from diffrestorer_jax.export import load_export
         _, _, params = load_export(w.init_from)
         given.update({n: params[n] for n in frozen})
+        if w.init_trained:
+            given.update({n: params[n] for n in st.trainable_names(config.stage)})
         logging.info("init_from %s: %s", w.init_from, sorted(given))
     if w.unet or w.vae or w.clip:
         from diffrestorer_jax import convert

@@ -13,8 +13,9 @@ Where each network's starting weights come from, in priority order:
   2. `config.weights.init_from`: a previous run's export dir (export.py) supplies every network
      this stage does not train;
   3. a random init from `config.seed`.
-A trained network always starts fresh, except that the control module is copied from the (given)
-UNet and the decoder from the (given) VAE, the paper's initialisation. Everything is computed by ONE
+A trained network starts fresh, except that the control module is copied from the (given) UNet and
+the decoder from the (given) VAE, the paper's initialisation; with `config.weights.init_trained` it
+starts from init_from's export instead (fine-tuning). Everything is computed by ONE
 jitted function with `out_shardings`, so no array is ever materialised unsharded and XLA drops the
 random init of every network that is given.
 
@@ -86,7 +87,8 @@ def _rebox(boxed_tree, values, name: str):
 
 def full_params(nets: dr.Networks, key, image_size: int, stage: str, given: Dict[str, Any]):
     """All six networks' params (boxed): random init, overridden by `given`, control/decoder
-    re-derived from the given UNet/VAE when this stage trains them."""
+    re-derived from the given UNet/VAE when this stage trains them and they are not given themselves
+    (`weights.init_trained`: fine-tuning an export)."""
     from diffrestorer_jax.models.control import init_control_from_unet
     from diffrestorer_jax.models.decoder import init_decoder_from_vae
 
@@ -94,9 +96,9 @@ def full_params(nets: dr.Networks, key, image_size: int, stage: str, given: Dict
     for name, tree in given.items():
         params[name] = _rebox(params[name], tree, name)
     trained = trainable_names(stage)
-    if "control" in trained and "unet" in given:
+    if "control" in trained and "unet" in given and "control" not in given:
         params["control"] = init_control_from_unet(params["control"], params["unet"])
-    if "decoder" in trained and "vae" in given:
+    if "decoder" in trained and "vae" in given and "decoder" not in given:
         params["decoder"] = init_decoder_from_vae(params["decoder"], params["vae"])
     return params
 
@@ -137,8 +139,10 @@ class StatePlan:
                           self.disc, self.disc_tx)
 
     def given_shardings(self, given: Dict[str, Any]):
-        """Shardings for given frozen trees: those of the same networks in the plan."""
-        return {n: self.frozen_shardings[n] for n in given}
+        """Shardings for given trees: those of the same networks in the plan (a trained network is
+        given when fine-tuning an export: its parameters' shardings)."""
+        return {n: self.frozen_shardings[n] if n in self.frozen_shardings else self.state_shardings.params[n]
+                for n in given}
 
     def materialise(self, given: Dict[str, Any], frozen_only: bool = False,
                     compiler_options: Optional[dict] = None):

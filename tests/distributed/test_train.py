@@ -417,3 +417,33 @@ def test_degrade_size_option_traces_in_both_stages(stage):
     assert jax.tree.structure(new_state) == jax.tree.structure(run.plan.state_target)
     data = sources.make_data(c)
     assert next(data)["hq"].shape[1:3] == (48, 48)
+
+
+def test_stage2_fine_tunes_an_export_with_init_trained(tmp_path):
+    """weights.init_trained: stage 2 starts its decoder (parameters and EMA) from init_from's export,
+    here at another image size than the export's and fsdp-sharded over 2 devices; without it the
+    decoder is derived from the export's VAE (the paper's init). The frozen networks are the
+    export's either way; init_trained without init_from is refused."""
+    from exports import tiny_export
+    from diffrestorer_jax.export import load_export
+    path = tiny_export(tmp_path / "export")
+    exported = host(load_export(path)[2])
+    starts = {}
+    for trained in (False, True):
+        c = small_config("stage2", mesh=(1, 2))
+        c.model.clip.image_size = 64  # the export's CLIP (its position embeddings); images stay 32 px
+        c.weights.init_from, c.weights.init_trained = path, trained
+        state, frozen = Run(c, jax.devices()[:2], FAST).init()
+        starts[trained] = host((state.params, state.ema, frozen))
+    params, ema, frozen = starts[True]
+    jax.tree.map(np.testing.assert_array_equal, params["decoder"], exported["decoder"])
+    jax.tree.map(np.testing.assert_array_equal, ema["decoder"], exported["decoder"])
+    derived = starts[False][0]["decoder"]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(derived),
+                                                         jax.tree.leaves(exported["decoder"])))
+    for f in (frozen, starts[False][2]):
+        jax.tree.map(np.testing.assert_array_equal, f["vae"], exported["vae"])
+    c = small_config("stage2")
+    c.weights.init_trained = True
+    with pytest.raises(ValueError, match="init_trained=True needs weights.init_from"):
+        Run(c, jax.devices()[:1], FAST)
