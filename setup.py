@@ -38,6 +38,7 @@ setup(
         "diffrestorer-aot = diffrestorer_jax.cli.aot:run",
         "diffrestorer-demo = diffrestorer_jax.cli.demo:main",
         "diffrestorer-compare-exports = diffrestorer_jax.cli.compare_exports:main",
+        "diffrestorer-average-exports = diffrestorer_jax.cli.average_exports:main",
         "diffrestorer-degradation-gallery = diffrestorer_jax.cli.degradation_gallery:main",
         "diffrestorer-app = diffrestorer_jax.cli.app:main",
     ]},

@@ -136,3 +136,30 @@ def compare_exports(a: str, b: str) -> Dict[str, float]:
         diffs[name] = max(jax.tree.leaves(jax.tree.map(max_abs_diff, params_a[name], params_b[name])),
                           default=0.0)
     return diffs
+
+
+def average_exports(a: str, b: str, weight: float, out: str) -> list:
+    """Write to `out` the export whose parameters are (1 - weight) * a + weight * b (a "model soup":
+    e.g. a decoder and its fine-tuned copy), with a's config. Networks that are bit for bit equal in
+    both are copied from a unchanged; returns the names of those that were averaged. Raises
+    ValueError for a weight outside [0, 1] or differently shaped networks (other configs)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"average_exports: weight must be in [0, 1], got {weight}")
+    config, _, params_a = load_export(a)
+    _, _, params_b = load_export(b)
+    averaged, params = [], {}
+    for name in dr.NETWORKS:
+        if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
+            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
+                             "nothing to average")
+        same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(params_a[name]),
+                                                               jax.tree.leaves(params_b[name])))
+        if same:
+            params[name] = params_a[name]
+            continue
+        averaged.append(name)
+        params[name] = jax.tree.map(
+            lambda x, y: ((1.0 - weight) * x.astype(jnp.float32) + weight * y.astype(jnp.float32)).astype(x.dtype),
+            params_a[name], params_b[name])
+    save_export(out, params, config)
+    return averaged

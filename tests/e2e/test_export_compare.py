@@ -35,3 +35,30 @@ def test_identical_and_perturbed_exports(tmp_path, capsys):
 def test_cli_names_what_is_not_an_export(tmp_path, capsys):
     assert compare_cli.main([CHECKPOINT, str(tmp_path)]) == 1
     assert "not an export directory" in capsys.readouterr().err
+
+
+def test_average_exports(tmp_path, capsys):
+    """diffrestorer-average-exports: (1 - w) * A + w * B for the networks that differ, the others
+    copied bit for bit, A's config kept; bad weights and other configs refused."""
+    from diffrestorer_jax.cli import average_exports as average_cli
+    from diffrestorer_jax.export import load_config
+    config, _, params = load_export(CHECKPOINT)
+    leaves, treedef = jax.tree.flatten(params["decoder"])
+    leaves = [x + 1.0 for x in leaves]  # every decoder parameter moved by exactly 1
+    params["decoder"] = jax.tree.unflatten(treedef, leaves)
+    config.sampler.steps = 3  # B's config: not the one written
+    other = save_export(str(tmp_path / "other"), params, config)
+    out = str(tmp_path / "soup")
+    assert average_cli.main([CHECKPOINT, other, "--weight", "0.25", "--out", out]) == 0
+    assert "decoder averaged" in capsys.readouterr().out
+    diffs = compare_exports(CHECKPOINT, out)
+    assert diffs["decoder"] == pytest.approx(0.25, abs=1e-6)
+    assert all(d == 0.0 for n, d in diffs.items() if n != "decoder")
+    assert compare_exports(other, out)["decoder"] == pytest.approx(0.75, abs=1e-6)
+    assert load_config(out).sampler.steps == load_config(CHECKPOINT).sampler.steps != 3
+
+    assert average_cli.main([CHECKPOINT, other, "--weight", "1.5", "--out", str(tmp_path / "x")]) == 1
+    assert "weight must be in [0, 1]" in capsys.readouterr().err
+    assert average_cli.main([CHECKPOINT, str(tmp_path), "--out", str(tmp_path / "y")]) == 1
+    assert "not an export directory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
