@@ -63,7 +63,8 @@ PORT ?= 7860
 app: $(RUNTIME)
 	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(VENV)/bin/diffrestorer-app --checkpoint demo/checkpoint --port $(PORT)
 
-# Recreate demo/checkpoint from scratch (prior_vae -> prior_unet -> stage1 -> stage2); see demo/README.md.
+# Recreate demo/checkpoint from scratch (prior_vae -> prior_unet -> stage1 -> stage2 -> stage2_whole,
+# the export averaging the last two decoders); see demo/README.md.
 demo-train: $(RUNTIME)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" launch/demo_train.sh
 

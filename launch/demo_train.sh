@@ -7,7 +7,8 @@
 #   1. prior_vae   the VAE as an autoencoder of clean crops
 #   2. prior_unet  the UNet as an unconditional latent denoiser (VAE frozen)
 #   3. stage1      visual prompt processor + control module (UNet, VAE, CLIP frozen)
-#   4. stage2      the degradation-aware decoder
+#   4. stage2      the degradation-aware decoder, on 64-px crops
+#   5. stage2_whole that decoder fine-tuned on whole 128-px images; the export averages the two
 # Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
 # close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stage 4 (never
 # seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
@@ -16,7 +17,7 @@
 # wall time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its
 # last checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
 # Override them with the environment:
-#   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
+#   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS S2W_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The commands come from the project's venv (make demo-train puts .venv/bin first on PATH).
@@ -26,6 +27,7 @@ VAE_STEPS=${VAE_STEPS:-3000}
 UNET_STEPS=${UNET_STEPS:-1000}
 S1_STEPS=${S1_STEPS:-1000}
 S2_STEPS=${S2_STEPS:-3000}
+S2W_STEPS=${S2W_STEPS:-300}
 CONFIG=configs/tiny.py
 PHOTOS="$RUN_DIR/photos"
 DEAD_LEAVES="$RUN_DIR/dead_leaves"
@@ -46,13 +48,13 @@ fi
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=1"
 PHOTO_DATA=(--config.data.kind=hq_folder "--config.data.hq_dir=$PHOTOS")
 
-stage() {  # stage NAME STEPS LR INIT_FROM [extra flags...]
+stage() {  # [CFG_STAGE=config stage] stage NAME STEPS LR INIT_FROM [extra flags...]
   local name=$1 steps=$2 lr=$3 init=$4
   shift 4
   local t0
   t0=$(date +%s)
   echo "== $name: $steps steps, lr $lr, init_from '${init}' ($(date -u +%H:%M:%S) UTC)"
-  diffrestorer-train --config "$CONFIG:$name" --workdir "$RUN_DIR/$name" "${COMMON[@]}" \
+  diffrestorer-train --config "$CONFIG:${CFG_STAGE:-$name}" --workdir "$RUN_DIR/$name" "${COMMON[@]}" \
     --config.train.num_steps="$steps" --config.train.learning_rate="$lr" \
     --config.weights.init_from="$init" "$@"
   echo "== $name took $(( $(date +%s) - t0 )) s"
@@ -74,13 +76,21 @@ stage stage1 "$S1_STEPS" 1e-3 "$RUN_DIR/prior_unet/export" "${PHOTO_DATA[@]}"
 # so a mildly degraded input weighs as much as a heavily degraded one. The export restores images up
 # to 256 px whole (sampler.tile=64 latent pixels), larger ones by 256-px tiles: the decoder restores
 # better with a whole photo than by tiles of its 64-px training size (demo/README.md).
-stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" \
-  --config.data.kind=hq_folder "--config.data.hq_dir=$DEAD_LEAVES" --config.train.gan_start_step=1000000 \
-  --config.model.decoder.image_fusion_base=lq --config.model.decoder.image_fusion_width=64 \
-  --config.model.decoder.rdb_convs=5 --config.model.decoder.rdb_growth=16 \
-  --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.6 --config.train.degrade_size=128 \
-  --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10 \
-  --config.sampler.tile=64
+S2=(--config.data.kind=hq_folder "--config.data.hq_dir=$DEAD_LEAVES" --config.train.gan_start_step=1000000
+    --config.model.decoder.image_fusion_base=lq --config.model.decoder.image_fusion_width=64
+    --config.model.decoder.rdb_convs=5 --config.model.decoder.rdb_growth=16
+    --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.6
+    --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10 --config.sampler.tile=64)
+stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" "${S2[@]}" --config.train.degrade_size=128
+# Then the same decoder fine-tuned on whole 128-px images as `make demo` restores them (batch 4, the
+# same pixels per step as 8 crops of 64 px twice over; weights.init_trained keeps the trained decoder),
+# and the export is the average of the two decoders: the fine-tuned one alone dehazes more and leaves
+# the mildly degraded photos more alone, but darkens snow on a bright flat photo it reads as hazy; the
+# average keeps most of the gains without that (demo/README.md, 2026-12-06 night).
+CFG_STAGE=stage2 stage stage2_whole "$S2W_STEPS" 2.5e-4 "$RUN_DIR/stage2/export" "${S2[@]}" \
+  --config.weights.init_trained=True --config.image_size=128 --config.train.batch_size=4
+diffrestorer-average-exports "$RUN_DIR/stage2/export" "$RUN_DIR/stage2_whole/export" --weight 0.5 \
+  --out "$RUN_DIR/export"
 
 # The data is indexed by step and every key derives from the seed, so a re-run can give the very
 # same parameters (the previous recipe's from-scratch run gave its shipped ones bit for bit; this one's
@@ -88,9 +98,9 @@ stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" \
 # Say whether this run did, before replacing it.
 if [ -d "$OUT" ]; then
   echo "== this run against the checkpoint it replaces ($OUT):"
-  diffrestorer-compare-exports "$OUT" "$RUN_DIR/stage2/export" || true
+  diffrestorer-compare-exports "$OUT" "$RUN_DIR/export" || true
 fi
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
-cp -r "$RUN_DIR/stage2/export" "$OUT"
+cp -r "$RUN_DIR/export" "$OUT"
 echo "demo checkpoint: $OUT ($(du -sh "$OUT" | cut -f1)); total $(( $(date +%s) - start )) s on $(nproc) cores"
