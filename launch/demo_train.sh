@@ -10,10 +10,10 @@
 #   4. stage2      the degradation-aware decoder, on 64-px crops
 #   5. stage2_whole that decoder fine-tuned on whole 128-px images; the export averages the two
 # Training data: the ten skimage photos of diffrestorer_jax/data/demo_photos.TRAIN (whole and 2x2
-# close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stage 4 (never
+# close-ups, written to a folder) for stages 1-3; 600 procedural dead-leaves images for stages 4-5 (never
 # seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
 #
-# Step counts are sized for about 100 minutes on a 2-core CPU (see demo/README.md for the measured
+# Step counts are sized for about 2 hours on a 2-core CPU (see demo/README.md for the measured
 # wall time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its
 # last checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
 # Override them with the environment:
@@ -82,8 +82,8 @@ S2=(--config.data.kind=hq_folder "--config.data.hq_dir=$DEAD_LEAVES" --config.tr
     --config.train.decoder_pixel_loss=psnr --config.train.hq_levels_prob=0.6
     --config.train.decoder_predicted_prob=1.0 --config.train.decoder_sample_steps=10 --config.sampler.tile=64)
 stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" "${S2[@]}" --config.train.degrade_size=128
-# Then the same decoder fine-tuned on whole 128-px images as `make demo` restores them (batch 4, the
-# same pixels per step as 8 crops of 64 px twice over; weights.init_trained keeps the trained decoder),
+# Then the same decoder fine-tuned on whole 128-px images as `make demo` restores them (batch 4, twice
+# the pixels per step of stage 2's 8 crops of 64 px; weights.init_trained keeps the trained decoder),
 # and the export is the average of the two decoders: the fine-tuned one alone dehazes more and leaves
 # the mildly degraded photos more alone, but darkens snow on a bright flat photo it reads as hazy; the
 # average keeps most of the gains without that (demo/README.md, 2026-12-06 night).
