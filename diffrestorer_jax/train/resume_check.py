@@ -4,8 +4,9 @@ A resume continues a run, so what defines it must not move under it: the stage, 
 degradations, diffusion schedule, batch and the pretrained weights (`REFUSED`). Those changes stop the
 run with a list of what changed, unless the user says they mean it (`diffrestorer-train
 --allow_config_changes`). Everything else (learning rate, number of steps, logging, the mesh) is
-allowed and listed. The frozen networks are rebuilt from `weights.*` on every resume, so a
-fingerprint of them is saved with each checkpoint and must match too.
+allowed and listed. The given networks (the frozen ones, and with `weights.init_trained` the
+trained ones' starting weights) are rebuilt from `weights.*` on every resume, so a fingerprint of
+them is saved with each checkpoint and must match too.
 """
 import hashlib
 import json
@@ -23,7 +24,7 @@ ALLOWED = ("data.num_threads", "data.prefetch", "data.device_prefetch", "model.a
 
 # Fields added to the config after runs were saved without them: the value that reproduces what such
 # a run computed (a saved config without the field counts as having it).
-ADDED_LATER = {"degradation.rng": "rbg"}
+ADDED_LATER = {"degradation.rng": "rbg", "train.degrade_size": 0, "weights.init_trained": False}
 
 
 class ResumeMismatch(ValueError):
@@ -82,7 +83,8 @@ def check_resume(saved_config: Dict[str, Any], config, saved_fingerprint, curren
         names = sorted(n for n in set(saved_fingerprint) | set(current_fingerprint)
                        if saved_fingerprint.get(n) != current_fingerprint.get(n))
         problems.append(f"the frozen weights ({', '.join(names)}) differ from those the checkpoint was "
-                        "trained with (weights.* or init_from now hold other weights)")
+                        "trained with (weights.* or init_from now hold other weights; with "
+                        "weights.init_trained, so may the trained networks' starting weights)")
     if problems and not allow_changes:
         raise ResumeMismatch(
             "this workdir holds a checkpoint of another run; resuming would silently change:\n  "

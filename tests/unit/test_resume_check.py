@@ -60,3 +60,17 @@ def test_a_field_added_later_counts_as_the_value_that_reproduces_old_runs():
     assert rc.config_changes(saved, cur) == ([], [])
     cur.degradation.rng = "threefry"
     assert rc.config_changes(saved, cur)[0] == ["degradation.rng: 'rbg' -> 'threefry'"]
+
+
+@pytest.mark.parametrize("key,value,other", [("train.degrade_size", 0, 128),
+                                             ("weights.init_trained", False, True)])
+def test_later_refused_fields_let_older_checkpoints_resume(key, value, other):
+    """A checkpoint saved before train.degrade_size or weights.init_trained existed resumes (it ran
+    with the value that is now the default); setting the field otherwise is still refused."""
+    saved, cur = saved_and_current()
+    section, name = key.split(".")
+    saved[section].pop(name, None)
+    cur[section][name] = value
+    assert rc.config_changes(saved, cur) == ([], [])
+    cur[section][name] = other
+    assert rc.config_changes(saved, cur)[0] == [f"{key}: {value!r} -> {other!r}"]
