@@ -138,15 +138,33 @@ def compare_exports(a: str, b: str) -> Dict[str, float]:
     return diffs
 
 
+def _average_leaf(x, y, weight: float, name: str):
+    """(1 - weight) * x + weight * y in float32; non-float leaves must be equal."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        if not bool(jnp.array_equal(x, y)):
+            raise ValueError(f"'{name}' holds a non-float parameter that differs between the exports: "
+                             "it cannot be averaged")
+        return x
+    return ((1.0 - weight) * x.astype(jnp.float32) + weight * y.astype(jnp.float32)).astype(x.dtype)
+
+
 def average_exports(a: str, b: str, weight: float, out: str) -> list:
     """Write to `out` the export whose parameters are (1 - weight) * a + weight * b (a "model soup":
     e.g. a decoder and its fine-tuned copy), with a's config. Networks that are bit for bit equal in
     both are copied from a unchanged; returns the names of those that were averaged. Raises
-    ValueError for a weight outside [0, 1] or differently shaped networks (other configs)."""
+    ValueError for a weight outside [0, 1] or exports of other models (their config's `model`
+    section, or their networks' shapes, differ)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"average_exports: weight must be in [0, 1], got {weight}")
     config, _, params_a = load_export(a)
-    _, _, params_b = load_export(b)
+    config_b, _, params_b = load_export(b)
+    how_it_runs = ("dtype", "attention_impl", "remat_policy")  # not what the networks compute
+    model_a, model_b = ({k: v for k, v in c.model.to_dict().items() if k not in how_it_runs}
+                        for c in (config, config_b))
+    if model_a != model_b:
+        keys = sorted(k for k in set(model_a) | set(model_b) if model_a.get(k) != model_b.get(k))
+        raise ValueError(f"{a} and {b} are exports of other models (config model.{', model.'.join(keys)} "
+                         "differ): nothing to average")
     averaged, params = [], {}
     for name in dr.NETWORKS:
         if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
@@ -158,8 +176,6 @@ def average_exports(a: str, b: str, weight: float, out: str) -> list:
             params[name] = params_a[name]
             continue
         averaged.append(name)
-        params[name] = jax.tree.map(
-            lambda x, y: ((1.0 - weight) * x.astype(jnp.float32) + weight * y.astype(jnp.float32)).astype(x.dtype),
-            params_a[name], params_b[name])
+        params[name] = jax.tree.map(lambda x, y: _average_leaf(x, y, weight, name), params_a[name], params_b[name])
     save_export(out, params, config)
     return averaged

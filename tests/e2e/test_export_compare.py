@@ -1,5 +1,6 @@
 """`compare_exports` / diffrestorer-compare-exports: how `make demo-train` tells whether it reproduced
-the shipped checkpoint. Runs on the shipped demo checkpoint and a perturbed copy of it."""
+the shipped checkpoint; `average_exports` / diffrestorer-average-exports: how it averages its two
+decoders. Runs on the shipped demo checkpoint and perturbed copies of it."""
 import os
 
 import jax
@@ -61,4 +62,8 @@ def test_average_exports(tmp_path, capsys):
     assert "weight must be in [0, 1]" in capsys.readouterr().err
     assert average_cli.main([CHECKPOINT, str(tmp_path), "--out", str(tmp_path / "y")]) == 1
     assert "not an export directory" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    config.model.decoder = dict(config.model.decoder, image_fusion_base="decoder")  # same shapes
+    third = save_export(str(tmp_path / "third"), params, config)
+    assert average_cli.main([CHECKPOINT, third, "--out", str(tmp_path / "z")]) == 1
+    assert "other models (config model.decoder differ)" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
