@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Pretrained weights users bring (diffusers folders, single-file SD, HF / OpenAI CLIP), or None
     # for a random init (tests, the from-scratch demo prior). init_trained: the networks the stage
     # trains start from init_from's export too (fine-tuning an export, e.g. at another image size)
-    # instead of a fresh init (control from the UNet, decoder from the VAE).
+    # instead of a fresh init (control from the UNet, decoder from the VAE); only for an export in
+    # which they were trained (an export before stage 1 carries a random control module along).
     c.weights = ml_collections.ConfigDict(dict(unet="", vae="", clip="", init_from="", init_trained=False))
 
     c.diffusion = ml_collections.ConfigDict(dict(
