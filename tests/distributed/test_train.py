@@ -422,10 +422,12 @@ def test_degrade_size_option_traces_in_both_stages(stage):
 def test_stage2_fine_tunes_an_export_with_init_trained(tmp_path):
     """weights.init_trained: stage 2 starts its decoder (parameters and EMA) from init_from's export,
     here at another image size than the export's and fsdp-sharded over 2 devices; without it the
-    decoder is derived from the export's VAE (the paper's init). The frozen networks are the
-    export's either way; init_trained without init_from is refused."""
+    decoder is derived from the export's VAE (the paper's init), and a resume's fingerprint of the
+    given weights covers the decoder only with init_trained. The frozen networks are the export's
+    either way; init_trained without init_from is refused."""
     from exports import tiny_export
     from diffrestorer_jax.export import load_export
+    from diffrestorer_jax.train import resume_check
     path = tiny_export(tmp_path / "export")
     exported = host(load_export(path)[2])
     starts = {}
@@ -433,7 +435,10 @@ def test_stage2_fine_tunes_an_export_with_init_trained(tmp_path):
         c = small_config("stage2", mesh=(1, 2))
         c.model.clip.image_size = 64  # the export's CLIP (its position embeddings); images stay 32 px
         c.weights.init_from, c.weights.init_trained = path, trained
-        state, frozen = Run(c, jax.devices()[:2], FAST).init()
+        run = Run(c, jax.devices()[:2], FAST)
+        # what a resume checks: the fingerprint covers the fine-tuned network's starting weights
+        assert ("decoder" in resume_check.fingerprint(run.given)) == trained
+        state, frozen = run.init()
         starts[trained] = host((state.params, state.ema, frozen))
     params, ema, frozen = starts[True]
     jax.tree.map(np.testing.assert_array_equal, params["decoder"], exported["decoder"])
