@@ -119,6 +119,13 @@ def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rule
     return config, nets, {n: params[n] for n in names}
 
 
+def _check_shapes(a: str, b: str, params_a, params_b, name: str, what: str) -> None:
+    """Raise ValueError when the two exports' `name` networks are shaped differently (other configs)."""
+    if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
+        raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
+                         f"nothing to {what}")
+
+
 def compare_exports(a: str, b: str) -> Dict[str, float]:
     """Largest absolute parameter difference per network between two exports (0.0: bit for bit
     the same). Raises ValueError if they hold differently shaped networks (other configs)."""
@@ -126,11 +133,7 @@ def compare_exports(a: str, b: str) -> Dict[str, float]:
     _, _, params_b = load_export(b)
     diffs = {}
     for name in dr.NETWORKS:
-        shapes_a = jax.tree.map(lambda x: x.shape, params_a[name])
-        shapes_b = jax.tree.map(lambda x: x.shape, params_b[name])
-        if shapes_a != shapes_b:
-            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
-                             "nothing to compare")
+        _check_shapes(a, b, params_a, params_b, name, "compare")
         def max_abs_diff(x, y):
             return float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)), initial=0.0))
         diffs[name] = max(jax.tree.leaves(jax.tree.map(max_abs_diff, params_a[name], params_b[name])),
@@ -167,9 +170,7 @@ def average_exports(a: str, b: str, weight: float, out: str) -> list:
                          "differ): nothing to average")
     averaged, params = [], {}
     for name in dr.NETWORKS:
-        if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
-            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
-                             "nothing to average")
+        _check_shapes(a, b, params_a, params_b, name, "average")
         same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(params_a[name]),
                                                                jax.tree.leaves(params_b[name])))
         if same:

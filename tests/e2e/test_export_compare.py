@@ -67,3 +67,20 @@ def test_average_exports(tmp_path, capsys):
     assert average_cli.main([CHECKPOINT, third, "--out", str(tmp_path / "z")]) == 1
     assert "other models (config model.decoder differ)" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+
+
+def test_exports_of_other_shapes_are_refused(tmp_path, capsys):
+    """Two exports whose decoders are shaped differently: neither compared nor averaged."""
+    from exports import tiny_export, tiny_params
+    from diffrestorer_jax.cli import average_exports as average_cli
+    from diffrestorer_jax.export import load_config
+    from diffrestorer_jax.models import diffrestorer as dr
+    small = tiny_export(tmp_path / "small")
+    config = load_config(small)
+    config.model.decoder = dict(config.model.decoder, rdb_growth=12)
+    other = save_export(str(tmp_path / "other"), tiny_params(dr.build_networks(config.model)), config)
+    with pytest.raises(ValueError, match="differently shaped 'decoder' networks"):
+        compare_exports(small, other)
+    assert average_cli.main([small, other, "--out", str(tmp_path / "soup")]) == 1
+    assert "model.decoder differ" in capsys.readouterr().err
+    assert not (tmp_path / "soup").exists()
