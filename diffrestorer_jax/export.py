@@ -119,13 +119,6 @@ def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rule
     return config, nets, {n: params[n] for n in names}
 
 
-def _check_shapes(a: str, b: str, params_a, params_b, name: str, what: str) -> None:
-    """Raise ValueError when the two exports' `name` networks are shaped differently (other configs)."""
-    if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
-        raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
-                         f"nothing to {what}")
-
-
 def compare_exports(a: str, b: str) -> Dict[str, float]:
     """Largest absolute parameter difference per network between two exports (0.0: bit for bit
     the same). Raises ValueError if they hold differently shaped networks (other configs)."""
@@ -133,7 +126,9 @@ def compare_exports(a: str, b: str) -> Dict[str, float]:
     _, _, params_b = load_export(b)
     diffs = {}
     for name in dr.NETWORKS:
-        _check_shapes(a, b, params_a, params_b, name, "compare")
+        if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
+            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
+                             "nothing to compare")
         def max_abs_diff(x, y):
             return float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)), initial=0.0))
         diffs[name] = max(jax.tree.leaves(jax.tree.map(max_abs_diff, params_a[name], params_b[name])),
@@ -156,7 +151,7 @@ def average_exports(a: str, b: str, weight: float, out: str) -> list:
     e.g. a decoder and its fine-tuned copy), with a's config. Networks that are bit for bit equal in
     both are copied from a unchanged; returns the names of those that were averaged. Raises
     ValueError for a weight outside [0, 1] or exports of other models (their config's `model`
-    section, or their networks' shapes, differ)."""
+    section differs; equal sections give equally shaped networks, which load_export enforces)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"average_exports: weight must be in [0, 1], got {weight}")
     config, _, params_a = load_export(a)
@@ -170,7 +165,6 @@ def average_exports(a: str, b: str, weight: float, out: str) -> list:
                          "differ): nothing to average")
     averaged, params = [], {}
     for name in dr.NETWORKS:
-        _check_shapes(a, b, params_a, params_b, name, "average")
         same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(params_a[name]),
                                                                jax.tree.leaves(params_b[name])))
         if same:
