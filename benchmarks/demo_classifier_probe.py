@@ -84,7 +84,7 @@ def main():
     degrade_config = degradations.default_degradation_config()
 
     @jax.jit
-    def step(trained, opt_state, key, idx):
+    def step(trained, opt_state, key, data, idx):
         k_degrade, k_flip = jax.random.split(key)
         hq = data[idx]
         hq = jnp.where(jax.random.bernoulli(k_flip, 0.5, (idx.shape[0], 1, 1, 1)), hq[:, :, ::-1], hq)
@@ -108,11 +108,13 @@ def main():
     rng, key, seen = np.random.default_rng(args.seed), jax.random.key(args.seed), []
     for i in range(1, args.steps + 1):
         idx = jnp.asarray(rng.integers(0, len(data), args.batch))
-        trained, opt_state, right = step(trained, opt_state, jax.random.fold_in(key, i), idx)
-        seen.append(float(right))
+        trained, opt_state, right = step(trained, opt_state, jax.random.fold_in(key, i), data, idx)
+        seen.append(right)  # on the device: read once per report, not every step
         if i % args.every == 0 or i == args.steps:
             acc, per_type = validation(trained | frozen)
-            print(f"step {i} training {np.mean(seen[-args.every:]):.3f} validation {acc:.3f} per type "
+            training = float(np.mean(jax.device_get(seen)))
+            seen = []
+            print(f"step {i} training {training:.3f} validation {acc:.3f} per type "
                   f"{np.round(per_type, 2).tolist()} ({time.time() - t0:.0f} s)", flush=True)
 
 
