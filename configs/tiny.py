@@ -3,15 +3,16 @@
 64x64 images, a 3-level VAE (factor 4 -> 16x16 latents), a 2-level UNet, a 2-layer CLIP. The
 control module's conditioning embedder has 2 stride-2 steps to match the VAE factor. The decoder
 has the image-level LQ fusion (32 channels): this VAE reconstructs clean photos at only ~20 dB.
-Args: "stage1" (default) | "stage2" | "prior_vae" | "prior_unet" (the demo's from-scratch prior).
+Args: "stage1" (default) | "stage2" | "prior_vae" | "prior_unet" | "prior_clip" (the demo's
+from-scratch prior).
 """
 from diffrestorer_jax.config_base import base_config
 
 
 def get_config(arg: str = "stage1"):
     c = base_config()
-    if arg not in ("stage1", "stage2", "prior_vae", "prior_unet"):
-        raise ValueError(f"config arg must be stage1, stage2, prior_vae or prior_unet, got {arg!r}")
+    if arg not in ("stage1", "stage2", "prior_vae", "prior_unet", "prior_clip"):
+        raise ValueError(f"config arg must be stage1, stage2, prior_vae, prior_unet or prior_clip, got {arg!r}")
     c.stage = arg
     c.image_size = 64
     c.model.unet = dict(

@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     # stage1: prompt processor + control module; stage2: degradation-aware decoder;
-    # prior_vae / prior_unet: the from-scratch prior of the demo (no SD weights available offline).
+    # prior_vae / prior_unet / prior_clip: the from-scratch prior of the demo (no SD or CLIP weights
+    # available offline; train/prior.py).
     c.stage = "stage1"
     c.image_size = 512  # training crop, pixels
 

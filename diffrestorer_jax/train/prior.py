@@ -1,6 +1,6 @@
-"""The demo's from-scratch prior (SD weights cannot be downloaded offline), trained in two stages
-before stage 1/2 with `config.stage = 'prior_vae'` then `'prior_unet'` (chained by
-`weights.init_from`):
+"""The demo's from-scratch prior (SD and CLIP weights cannot be downloaded offline), trained before
+stage 1/2 with `config.stage = 'prior_vae'`, `'prior_unet'`, then optionally `'prior_clip'` (chained
+by `weights.init_from`):
 
   prior_vae    the VAE (AutoencoderKL) as an autoencoder of HQ crops:
                L1(decode(sample of q(z|x)), x) + kl_weight * KL(q(z|x) || N(0, I)), kl_weight 1e-6
@@ -9,11 +9,18 @@ before stage 1/2 with `config.stage = 'prior_vae'` then `'prior_unet'` (chained 
                latents of HQ crops. Its context is all zeros (no text encoder here); stage 1 then
                learns what P_S should feed the cross-attention (whose key/value weights stay at
                their random init during the prior, since a zero context gives them no gradient).
+  prior_clip   the CLIP vision tower with the prompt processor's classifier, on cross-entropy alone:
+               the LQ image (degraded in the step as in stage 1) -> its degradation type. It stands
+               in for CLIP's pretraining, which a random tower lacks: stage 1 then trains its prompt
+               processor afresh on a tower whose features tell the degradations apart (on the
+               demo's validation photos, heads trained on a random tower named 33-45% of the
+               degradations right, heads trained with the tower 45-55%: demo/README.md).
 """
 from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from diffrestorer_jax.diffusion.losses import diffusion_loss
 from diffrestorer_jax.models import diffrestorer as dr
@@ -34,9 +41,18 @@ def _vae_loss(nets, config, params, hq, keys):
     return l1 + kl_weight * kl, {"l1": l1, "kl": kl}
 
 
+def _clip_loss(nets, params, lq, labels):
+    """Cross-entropy of the classifier's logits on CLIP(LQ) against the stage-1 targets, + accuracy."""
+    tokens = dr.clip_tokens(nets, params["clip"], lq)
+    logits = dr.visual_prompts(nets, params["prompt"], tokens)["logits"].astype(jnp.float32)
+    ce = jnp.mean(optax.softmax_cross_entropy(logits, labels))
+    return ce, {"ce": ce, "accuracy": stage1.class_accuracy(logits, labels)}
+
+
 def make_step(nets: dr.Networks, config, tx, schedule):
-    """`step(state, frozen, batch) -> (state, metrics)` for prior_vae or prior_unet."""
+    """`step(state, frozen, batch) -> (state, metrics)` for prior_vae, prior_unet or prior_clip."""
     tcfg, stage = config.train, config.stage
+    degrade_fn = stage1.make_degrade(config) if stage == "prior_clip" else None
     lr_fn = optim.make_schedule(st.optimizer_config(tcfg))
     accum = max(1, int(tcfg.grad_accum_steps))
     gamma = float(config.diffusion.min_snr_gamma)
@@ -46,6 +62,10 @@ def make_step(nets: dr.Networks, config, tx, schedule):
         if stage == "prior_vae":
             (k_z,) = st.step_keys(state, batch["index"], 1)
             loss_fn = lambda p: _vae_loss(nets, config, p["vae"], hq, k_z)  # noqa: E731
+        elif stage == "prior_clip":
+            (k_deg,) = st.step_keys(state, batch["index"], 1)
+            lq, labels = stage1.lq_and_labels(config, degrade_fn, batch, k_deg)
+            loss_fn = lambda p: _clip_loss(nets, p, lq, labels)  # noqa: E731
         else:
             k_lat, k_t, k_noise = st.step_keys(state, batch["index"], 3)
             z0, noise, t, z_t = stage1.noisy_latents(nets, schedule, frozen["vae"], hq, k_lat, k_t, k_noise)

@@ -63,7 +63,7 @@ def make_stage(config, nets):
         from diffrestorer_jax.train import stage2
         disc, disc_tx = stage2.make_discriminator(config)
         step = stage2.make_step(nets, config, tx, schedule, disc, disc_tx)
-    elif stage in ("prior_vae", "prior_unet"):
+    elif stage in ("prior_vae", "prior_unet", "prior_clip"):
         from diffrestorer_jax.train import prior
         step = prior.make_step(nets, config, tx, schedule)
     else:

@@ -42,6 +42,12 @@ def class_target(multi_hot) -> jax.Array:
     return hot / jnp.maximum(hot.sum(-1, keepdims=True), 1.0)
 
 
+def class_accuracy(logits, targets) -> jax.Array:
+    """Share of examples whose arg-max type is one of the types applied (target > 0)."""
+    hit = jnp.take_along_axis(targets, jnp.argmax(logits, -1)[:, None], -1)[:, 0] > 0
+    return jnp.mean(hit.astype(jnp.float32))
+
+
 def make_degrade(config):
     """(keys [B], hq [B,H,W,3], type ids [B]) -> (lq, class targets [B, N]); one key per example."""
     deg_cfg = degradations.default_degradation_config(config.degradation.preset,
@@ -145,8 +151,7 @@ def make_step(nets: dr.Networks, config, tx, schedule):
             mse = jnp.mean(diffusion_loss(schedule, out, z0, noise, t, gamma if gamma > 0 else None))
             logits = prompts["logits"].astype(jnp.float32)
             ce = jnp.mean(optax.softmax_cross_entropy(logits, labels))
-            hit = jnp.take_along_axis(labels, jnp.argmax(logits, -1)[:, None], -1)[:, 0] > 0
-            acc = jnp.mean(hit.astype(jnp.float32))
+            acc = class_accuracy(logits, labels)
             return mse + tcfg.classifier_weight * ce, {"mse": mse, "ce": ce, "accuracy": acc}
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

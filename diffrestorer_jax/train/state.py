@@ -7,6 +7,7 @@ sharded by the same logical rules, the frozen UNet included):
     stage2      decoder (+ the PatchGAN discriminator's own params and optimizer state)
     prior_vae   vae                   (the demo's from-scratch prior: no SD weights offline)
     prior_unet  unet
+    prior_clip  clip + prompt         (the demo's stand-in for CLIP pretraining: train/prior.py)
 
 Where each network's starting weights come from, in priority order:
   1. `config.weights.unet / vae / clip`: converted pretrained checkpoints (frozen networks only);
@@ -38,6 +39,7 @@ TRAINABLE = {
     "stage2": ("decoder",),
     "prior_vae": ("vae",),
     "prior_unet": ("unet",),
+    "prior_clip": ("clip", "prompt"),
 }
 
 

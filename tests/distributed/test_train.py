@@ -198,6 +198,43 @@ def test_stage1_learns(one_device, pool):
     assert np.mean(acc[-10:]) > 1.0 / 8 + 0.15, acc
 
 
+def test_prior_clip_trains_the_tower_and_classifier_to_name_the_type(pool, tmp_path):
+    """prior_clip (the demo's stand-in for CLIP pretraining): CLIP and the prompt processor are the
+    trained networks, on cross-entropy alone; the classifier beats chance on the paired crops, and a
+    stage-1 run given the export keeps the trained tower frozen, its prompt processor fresh."""
+    c = small_config("prior_clip")
+    c.train.learning_rate = 1e-3
+    run = Run(c, jax.devices()[:1], FAST)
+    assert sorted(run.plan.state_target.params) == ["clip", "prompt"]
+    state, frozen = run.init()
+    init = host(state.params)
+    hist = []
+    for s in range(60):
+        state, m = run.step(state, frozen, paired_batch(pool, s))
+        hist.append(host(m))
+    ce, acc = [h["ce"] for h in hist], [h["accuracy"] for h in hist]
+    np.testing.assert_allclose([h["loss"] for h in hist], ce, rtol=1e-6)
+    assert np.mean(ce[-10:]) < np.mean(ce[:10]) - 0.2, ce
+    assert np.mean(acc[-20:]) > 1.0 / 8 + 0.15, acc
+    moved = host(state.params)
+    from flax import traverse_util
+    for name in ("clip", "prompt"):  # every parameter array the logits depend on is trained
+        before, after = traverse_util.flatten_dict(init[name]), traverse_util.flatten_dict(moved[name])
+        still = sorted("/".join(k) for k in before if np.array_equal(before[k], after[k]))
+        # not CLIP's post-LN (the prompts read the tokens before it) nor P_S's head (the logits pool
+        # P_D); their scales and kernels move by weight decay alone
+        assert all(k.startswith("post_layernorm/" if name == "clip" else "semantic_") for k in still), still
+
+    from diffrestorer_jax.export import save_export
+    save_export(str(tmp_path / "export"), run.export_params(state, frozen), c)
+    c1 = small_config("stage1")
+    c1.weights.init_from = str(tmp_path / "export")
+    s1_state, s1_frozen = Run(c1, jax.devices()[:1], FAST).init()
+    jax.tree.map(np.testing.assert_array_equal, host(s1_frozen["clip"]), host(state.ema["clip"]))
+    # the same seed's random init as prior_clip started from, not its trained heads
+    jax.tree.map(np.testing.assert_array_equal, host(s1_state.params["prompt"]), init["prompt"])
+
+
 @pytest.mark.parametrize("pixel_loss,sample_steps", [("l1", 0), ("psnr", 0), ("psnr", 2)])
 def test_stage2_learns(pool, tmp_path, pixel_loss, sample_steps):
     """sample_steps > 0: the decoder's predicted latents are DDIM samples (train.decoder_sample_steps)."""
