@@ -42,14 +42,16 @@ def main(argv) -> int:
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
     from diffrestorer_jax.train.resume_check import ResumeMismatch
+    from diffrestorer_jax.train.state import GivenWeightsMismatch
     from diffrestorer_jax.train.workdir_lock import WorkdirLocked
     try:
         status = loop.train(_CONFIG.value, _WORKDIR.value, guard=guard,
                             compiler_options=run.FAST_COMPILE if _FAST.value else None,
                             allow_config_changes=_ALLOW.value)
-    except (FloatingPointError, DataConfigError, FileNotFoundError, ResumeMismatch, WorkdirLocked) as e:
-        # the non-finite streak, data that is not there, a workdir of another run or in use:
-        # a message, not a traceback
+    except (FloatingPointError, DataConfigError, FileNotFoundError, ResumeMismatch, WorkdirLocked,
+            GivenWeightsMismatch) as e:
+        # the non-finite streak, data that is not there, a workdir of another run or in use, an
+        # init_from export of another model config: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

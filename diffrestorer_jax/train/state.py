@@ -64,6 +64,16 @@ def frozen_names(stage: str) -> Tuple[str, ...]:
     return tuple(n for n in dr.NETWORKS if n not in trainable_names(stage))
 
 
+class GivenWeightsMismatch(ValueError):
+    """Given weights (weights.init_from's export, a converted checkpoint) are not this config's network:
+    another model config made them. The training command reports it without a traceback."""
+
+
+_HINT = ("; given weights must be of this config's architecture: an export (weights.init_from) made with "
+         "the same model config (the same --config.model.* overrides), a converted checkpoint "
+         "(weights.unet / vae / clip) of the model the config names")
+
+
 def _rebox(boxed_tree, values, name: str):
     """Put given (unboxed) arrays into a boxed tree, checking paths and shapes with clear errors."""
     from flax import traverse_util
@@ -72,16 +82,16 @@ def _rebox(boxed_tree, values, name: str):
     missing = sorted("/".join(p) for p in flat_b if p not in flat_v)
     extra = sorted("/".join(p) for p in flat_v if p not in flat_b)
     if missing or extra:
-        raise ValueError(f"given '{name}' params do not match the config's '{name}' network: "
-                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        raise GivenWeightsMismatch(f"given '{name}' params do not match the config's '{name}' network: "
+                                   f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                   f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}{_HINT}")
     out = {}
     for path, leaf in flat_b.items():
         old = leaf.unbox() if isinstance(leaf, meta.AxisMetadata) else leaf
         new = flat_v[path]
         if tuple(jnp.shape(new)) != tuple(old.shape):
-            raise ValueError(f"given '{name}' param {'/'.join(path)} has shape {tuple(jnp.shape(new))}, "
-                             f"the config's network wants {tuple(old.shape)}")
+            raise GivenWeightsMismatch(f"given '{name}' param {'/'.join(path)} has shape "
+                                       f"{tuple(jnp.shape(new))}, the config's network wants {tuple(old.shape)}{_HINT}")
         new = jnp.asarray(new, old.dtype)
         out[path] = leaf.replace_boxed(new) if isinstance(leaf, meta.AxisMetadata) else new
     return traverse_util.unflatten_dict(out)
