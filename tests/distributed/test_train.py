@@ -235,9 +235,11 @@ def test_prior_clip_trains_the_tower_and_classifier_to_name_the_type(pool, tmp_p
     jax.tree.map(np.testing.assert_array_equal, host(s1_state.params["prompt"]), init["prompt"])
 
 
-@pytest.mark.parametrize("pixel_loss,sample_steps", [("l1", 0), ("psnr", 0), ("psnr", 2)])
+@pytest.mark.parametrize("pixel_loss,sample_steps", [("l1", 0), ("psnr", 2)])
 def test_stage2_learns(pool, tmp_path, pixel_loss, sample_steps):
-    """sample_steps > 0: the decoder's predicted latents are DDIM samples (train.decoder_sample_steps)."""
+    """sample_steps > 0: the decoder's predicted latents are DDIM samples (train.decoder_sample_steps).
+    Two cases cover both pixel losses and both kinds of latents (each compiles a stage-2 step, the
+    suite's slowest kind of test: psnr with VAE latents would add ~3 minutes and nothing new)."""
     c = small_config("stage2")
     c.train.decoder_pixel_loss = pixel_loss
     c.train.decoder_sample_steps = sample_steps
