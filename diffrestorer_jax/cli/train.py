@@ -4,10 +4,10 @@
 
 The stage comes from the config (`stage`: stage1 | stage2 | prior_vae | prior_unet | prior_clip).
 Re-running the same command resumes from the workdir's latest checkpoint. SIGTERM (preemption) saves
-a checkpoint at the current step and exits 0. On several hosts (TPU pod, SLURM) run the same command on every
-host; `jax.distributed` is initialised from the environment (see launch/train_*.sh). The console
-shows progress, metrics, warnings and errors; library INFO logging goes to `--log_dir` if given, or
-to the console with `--verbosity=0`.
+a checkpoint at the current step and exits 0. On several hosts (TPU pod, SLURM) run the same command
+on every host; `jax.distributed` is initialised from the environment (see launch/train_*.sh). The
+console shows progress, metrics, warnings and errors; library INFO logging goes to `--log_dir` if
+given, or to the console with `--verbosity=0`.
 """
 import sys
 
