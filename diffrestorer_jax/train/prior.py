@@ -12,9 +12,9 @@ by `weights.init_from`):
   prior_clip   the CLIP vision tower with the prompt processor's classifier, on cross-entropy alone:
                the LQ image (degraded in the step as in stage 1) -> its degradation type. It stands
                in for CLIP's pretraining, which a random tower lacks: stage 1 then trains its prompt
-               processor afresh on a tower whose features tell the degradations apart (on the
-               demo's validation photos, heads trained on a random tower named 33-45% of the
-               degradations right, heads trained with the tower 45-55%: demo/README.md).
+               processor afresh on the trained tower. Not in the demo recipe: on its validation
+               photos it named 41-42% of the degradations right against 39% without it, and its
+               prompts did not help the decoder (demo/README.md, 2026-12-07).
 """
 from typing import Any, Dict
 
