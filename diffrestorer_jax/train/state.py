@@ -91,7 +91,8 @@ def _rebox(boxed_tree, values, name: str):
         new = flat_v[path]
         if tuple(jnp.shape(new)) != tuple(old.shape):
             raise GivenWeightsMismatch(f"given '{name}' param {'/'.join(path)} has shape "
-                                       f"{tuple(jnp.shape(new))}, the config's network wants {tuple(old.shape)}{_HINT}")
+                                       f"{tuple(jnp.shape(new))}, the config's network wants "
+                                       f"{tuple(old.shape)}{_HINT}")
         new = jnp.asarray(new, old.dtype)
         out[path] = leaf.replace_boxed(new) if isinstance(leaf, meta.AxisMetadata) else new
     return traverse_util.unflatten_dict(out)
