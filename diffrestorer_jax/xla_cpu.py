@@ -10,7 +10,7 @@
   tiny restore. Without it the attention-heavy denoising steps run faster, and GroupNorm builds its
   own trees for the pixels (`tree_reduction_pass_disabled`, models/group_norm.py): same process,
   same inputs, the tiny restore 1.14x images/s at 10 DDIM steps; SD 1.5 at 256² and 12 steps 1.01x.
-  Training keeps XLA's default: `make demo-train`'s decoder steps ran 5-8% slower without the pass
+  Training keeps XLA's default: `make demo-train`'s decoder steps ran 5-9% slower without the pass
   (the tiny stage-1 step ~10% faster; Intel host, 2026-12-07), and the recipe keeps its rounding.
   Results move by float rounding (~1e-6). GPU's pass of that job is named `tree-reduction-rewriter`
   and is not touched; TPU programs compile the same either way.
