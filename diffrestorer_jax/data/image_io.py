@@ -58,11 +58,18 @@ def _check_size(im: Image.Image, name: str, max_pixels: Optional[int]) -> None:
                                    f"limit of {limit}{why}")
 
 
-def _to_float_rgb(im: Image.Image) -> np.ndarray:
-    """Decoded PIL image of any mode -> float32 [H, W, 3] in [0, 1]."""
+# Formats whose 32-bit integer ("I") images Pillow scales to 0..65535 (PGM/PPM with a maxval above
+# 255): a dark one must not be read as 8-bit.
+_SIXTEEN_BIT_AS_I = ("PPM",)
+
+
+def _to_float_rgb(im: Image.Image, fmt: Optional[str] = None) -> np.ndarray:
+    """Decoded PIL image of any mode -> float32 [H, W, 3] in [0, 1]. `fmt`: the file's format
+    (Pillow's `im.format`, which a transposed copy no longer carries)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        sixteen = im.mode.startswith("I;16") or fmt in _SIXTEEN_BIT_AS_I
+        peak = 65535.0 if sixteen or arr.max() > 255 else 255.0
         gray = np.clip(arr / peak, 0, 1)
         return np.repeat(gray[..., None], 3, -1).astype(np.float32)
     if im.mode == "F":
@@ -86,8 +93,9 @@ def _decode(source, name: str, max_pixels: Optional[int]) -> np.ndarray:
             with Image.open(source) as im:
                 _check_size(im, name, max_pixels)
                 im.load()
+                fmt = im.format
                 im = ImageOps.exif_transpose(im)
-                return _to_float_rgb(im)
+                return _to_float_rgb(im, fmt)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -89,6 +89,16 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
     np.testing.assert_allclose(arr[0, :, 0], [0.0, 32768 / 65535, 1.0], atol=1e-4)
 
 
+def test_16bit_dark_images_stay_dark(tmp_path):
+    """A 16-bit frame whose values all sit below 256 (a dark exposure) is read on the 16-bit scale
+    in every format, PGM included, which Pillow opens as 32-bit integers."""
+    data = np.array([[0, 189, 255]], np.uint16)
+    for ext in ("png", "tif", "pgm"):
+        Image.fromarray(data).save(tmp_path / f"dark.{ext}")
+        arr = read_image(tmp_path / f"dark.{ext}")
+        np.testing.assert_allclose(arr[0, :, 0], data[0] / 65535, atol=1e-6, err_msg=ext)
+
+
 def test_decompression_bomb_refused(tmp_path, monkeypatch):
     Image.fromarray(_gradient()).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
