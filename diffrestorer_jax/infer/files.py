@@ -14,9 +14,14 @@ process_count-th file.
 What a run guarantees: a file that cannot be read, or a batch that fails (out of memory, anything
 unexpected), is reported with its reason and the rest is written; outputs are written atomically
 with the user's umask; an existing output is kept only if its sidecar says it was made with the same
-settings and checkpoint; no two inputs share an output name, even on a case-insensitive file system.
+settings and checkpoint from the same input content (a new photo under an old name is restored); a
+file at an output's path that no restore run wrote (no sidecar of ours) is never replaced without
+--overwrite, and an output folder where an output would replace an input is refused; no two inputs
+share an output name, even on a case-insensitive file system.
 """
+import contextlib
 import dataclasses
+import fnmatch
 import glob as globlib
 import hashlib
 import json
@@ -33,9 +38,10 @@ from diffrestorer_jax.data.image_io import (IMAGE_EXTENSIONS, ImageReadError, pr
                                             remove_stale_temporaries, write_atomic, write_png)
 from diffrestorer_jax.infer.restorer import Restorer, RestoreError, path_image_id
 
-# Sidecar fields that decide an output's pixels (batch size and device count do not: restorer.py).
+# Sidecar fields that decide an output's pixels (batch size and device count do not: restorer.py);
+# config_overrides (the command's --config.* flags) may change the schedule or the networks.
 DECIDING = ("seed", "settings", "knobs", "color_fix", "latent_tile", "tile_overlap", "checkpoint",
-            "checkpoint_id", "dtype")
+            "checkpoint_id", "dtype", "config_overrides")
 
 
 @dataclasses.dataclass
@@ -44,6 +50,7 @@ class InputSet:
     files: List[str]  # sorted, absolute
     kind: str = "dir"  # dir | file | glob
     special: List[str] = dataclasses.field(default_factory=list)  # FIFOs etc. named like images
+    pattern: str = ""  # a glob input's pattern, absolute
 
 
 _GLOB_CHARS = "*?["
@@ -94,17 +101,50 @@ def find_inputs(spec: str) -> InputSet:
         raise RestoreError(f"--input {spec}: no such file or folder")
     files = sorted(os.path.abspath(f) for f in files)
     return InputSet(os.path.abspath(root), [f for f in files if _regular(f)], kind,
-                    [f for f in files if not _regular(f)])
+                    [f for f in files if not _regular(f)], os.path.abspath(spec) if kind == "glob" else "")
+
+
+def _glob_matches(pattern: str, path: str) -> bool:
+    """Whether `glob(pattern)` could list `path` (both absolute): component by component, as glob
+    matches; a pattern with '**' is taken to match everything under its fixed prefix."""
+    if "**" in pattern:
+        return True
+    want, have = pattern.split(os.sep), path.split(os.sep)
+    return len(want) == len(have) and all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want))
 
 
 def check_output_folder(inputs: InputSet, out_dir: str) -> None:
-    """Refuse an output folder inside (or equal to) a folder input (outputs would become inputs of
-    the next run) and one that cannot be written; called before the model is loaded."""
+    """Refuse, before the model is loaded: an output folder inside (or equal to) a folder input, or
+    one where a glob input's pattern matches the outputs (the next run would take them for inputs);
+    one where an output would replace an input (`--input photo.png --output .`); and one that cannot
+    be written."""
     local_only("--output", out_dir)
     out = os.path.abspath(out_dir)
-    if inputs.kind != "file" and (out == inputs.root or out.startswith(os.path.join(inputs.root, ""))):
+    inside = out == inputs.root or out.startswith(os.path.join(inputs.root, ""))
+    outputs = output_paths(inputs, out)
+    if inputs.kind == "dir" and inside:
         raise RestoreError(f"--output {out_dir} is inside --input {inputs.root}: the next run would take "
                            "the outputs for inputs; choose an output folder outside it")
+    if inputs.kind == "glob" and inside and any(_glob_matches(inputs.pattern, o) for o in outputs.values()):
+        raise RestoreError(f"--output {out_dir}: --input's pattern {inputs.pattern} matches the outputs, "
+                           "so the next run would take them for inputs; choose an output folder it does "
+                           "not match")
+    # By file identity, so links and a case-insensitive file system (photo.PNG's output photo.png)
+    # are seen through.
+    identity = {}
+    for f in inputs.files:
+        with contextlib.suppress(OSError):
+            st = os.stat(f)
+            identity[(st.st_dev, st.st_ino)] = f
+    for f, o in outputs.items():
+        try:
+            st = os.stat(o)
+        except OSError:
+            continue
+        clash = identity.get((st.st_dev, st.st_ino))
+        if clash is not None:
+            raise RestoreError(f"--output {out_dir}: the output for {f} would overwrite the input {clash}; "
+                               "choose another output folder")
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -141,14 +181,34 @@ def _write_json(path: str, data) -> None:
     write_atomic(path, json.dumps(data, indent=2).encode())
 
 
-def _made_with(sidecar: str, settings: Dict[str, Any]) -> bool:
-    """Whether an existing output's sidecar records these very settings and checkpoint."""
+def _saved_record(sidecar: str) -> Optional[Dict[str, Any]]:
+    """The record a restore run wrote at `sidecar`, or None where there is none (missing, or a
+    file of someone else's: not JSON, or JSON without the record's fields)."""
     try:
         with open(sidecar) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        return False
-    return all(saved.get(k) == settings.get(k) for k in DECIDING)
+        return None
+    return saved if isinstance(saved, dict) and {"output", "checkpoint"} <= saved.keys() else None
+
+
+def _file_sha256(path: str) -> Optional[str]:
+    """The file's content hash (None if it cannot be read: reading it again reports why)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def _made_with(saved: Dict[str, Any], settings: Dict[str, Any]) -> bool:
+    """Whether an existing output's record shows these very settings and checkpoint (compared as
+    the record keeps them: JSON, where a tuple is a list)."""
+    as_saved = json.loads(json.dumps({k: settings.get(k) for k in DECIDING}, default=str))
+    return all(saved.get(k) == as_saved[k] for k in DECIDING)
 
 
 @dataclasses.dataclass
@@ -182,20 +242,31 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
         summary.failed.append((f, "not a regular file (a FIFO, socket or device): not read"))
         log(f"error: {f}: not a regular file (a FIFO, socket or device): not read")
     common = restorer.describe()
+    deciding = {**common, **(extra or {})}
     todo, redo = [], 0
     for f in inputs.files[pi::pc]:
-        out = outputs[f]
-        if not overwrite and os.path.exists(out) and os.path.exists(sidecar_path(out)):
-            if _made_with(sidecar_path(out), common):
-                summary.skipped.append(out)
+        out, side = outputs[f], sidecar_path(outputs[f])
+        if not overwrite and (os.path.exists(out) or os.path.exists(side)):
+            saved = _saved_record(side)
+            if saved is None:  # a file this command did not write: never replaced unasked
+                theirs = out if os.path.exists(out) else side
+                summary.failed.append((f, f"{theirs} exists and was not written by a restore run: kept "
+                                          "(--overwrite replaces it)"))
+                log(f"error: {f}: {summary.failed[-1][1]}")
                 continue
-            redo += 1
+            if os.path.exists(out):
+                content = _file_sha256(f)
+                if content and saved.get("input_sha256") == content and _made_with(saved, deciding):
+                    summary.skipped.append(out)
+                    continue
+                redo += 1
         todo.append(f)
     if summary.skipped:
         log(f"{len(summary.skipped)} output(s) made with these settings already exist, skipped "
             "(--overwrite redoes them)")
     if redo:
-        log(f"{redo} existing output(s) were made with other settings or another checkpoint: redone")
+        log(f"{redo} existing output(s) were made with other settings, another checkpoint or from another "
+            "version of their input: redone")
     bar = tqdm(total=len(todo), unit="img", desc="restoring", disable=not progress, file=sys.stderr)
     say = (lambda m: bar.write(m, file=sys.stderr)) if progress else log
 
@@ -224,10 +295,11 @@ def restore_files(restorer: Restorer, inputs: InputSet, out_dir: str, *, overwri
             continue
         out = outputs[f]
         record = {"input": f, "relative_path": os.path.relpath(f, inputs.root).replace(os.sep, "/"),
-                  "output": out, **info, **common, "notes": notes.pop(f, []), **(extra or {})}
-        try:
-            write_png(out, image)
+                  "input_sha256": _file_sha256(f), "output": out, **info, **common,
+                  "notes": notes.pop(f, []), **(extra or {})}
+        try:  # the record first: an image without one is taken for someone else's by the next run
             _write_json(sidecar_path(out), record)
+            write_png(out, image)
         except OSError as e:
             fail(f, f"cannot write {out}: {e.strerror or e}")
             continue

@@ -192,6 +192,9 @@ class Restorer:
         self.base_settings, self.knobs = self._resolve(options)
         self.latent_tile = self._latent_tile(options)
         self.tile_overlap = options.tile_overlap if options.tile_overlap is not None else max(1, self.latent_tile // 4)
+        if self.latent_tile and not 0 <= self.tile_overlap < self.latent_tile:  # before any image is read
+            raise RestoreError(f"--tile-overlap {self.tile_overlap} must be at least 0 and smaller than the "
+                               f"tile {self.latent_tile} (latent pixels)")
 
     @classmethod
     def from_export(cls, directory: str, options: Options = Options(), overrides: Mapping[str, Any] = None):
@@ -266,9 +269,7 @@ class Restorer:
         """The bucket's program: tiled when its latent is larger than the tile."""
         f = self.nets.vae_factor
         tile = self.latent_tile
-        if tile and max(bucket) // f > tile:
-            if not 0 <= self.tile_overlap < tile:
-                raise RestoreError(f"--tile-overlap {self.tile_overlap} must be smaller than the tile {tile}")
+        if tile and max(bucket) // f > tile:  # tile_overlap < tile: checked in __init__
             return dataclasses.replace(self.base_settings, tile=tile, tile_overlap=self.tile_overlap)
         return self.base_settings
 

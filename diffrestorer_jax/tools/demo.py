@@ -235,9 +235,14 @@ def run_held_out(checkpoint: str, out_dir: str, settings, size=None, photos=None
 
 
 def run_inputs(checkpoint: str, specs, out_dir: str, settings, seed: int = 0):
-    """Restore a user's own images (files, folders or globs) into out_dir/restored/."""
-    restorer = make_restorer(checkpoint, settings, seed)
+    """Restore a user's own images (files, folders or globs) into out_dir/restored/, replacing what
+    is there; every input and the folder are checked first, as `diffrestorer-restore` does (an
+    output never replaces an input)."""
     restored_dir = os.path.join(out_dir, "restored")
-    for spec in specs:
-        files.restore_files(restorer, files.find_inputs(spec), restored_dir, overwrite=True)
+    inputs = [files.find_inputs(spec) for spec in specs]
+    for found in inputs:
+        files.check_output_folder(found, restored_dir)
+    restorer = make_restorer(checkpoint, settings, seed)
+    for found in inputs:
+        files.restore_files(restorer, found, restored_dir, overwrite=True)
     print(f"restored images in {restored_dir}")

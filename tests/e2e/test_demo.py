@@ -81,6 +81,11 @@ def test_demo_input_mode(tmp_path):
     restored = read_image(str(out / "restored" / "mine.png"))
     assert restored.shape == (32, 32, 3)
     assert not (out / "metrics.md").exists()
+    # Its own outputs given back as inputs would be written over themselves: refused, kept.
+    before = (out / "restored" / "mine.png").read_bytes()
+    assert demo_cli.main(["--checkpoint", CHECKPOINT, "--input", str(out / "restored" / "mine.png"),
+                          "--out", str(out)]) == 2
+    assert (out / "restored" / "mine.png").read_bytes() == before
 
 
 def test_demo_missing_checkpoint(tmp_path, capsys):

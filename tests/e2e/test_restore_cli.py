@@ -2,7 +2,9 @@
 
 Outputs at the input sizes with sidecars and umask permissions; bad files (and a failing batch, and
 a FIFO named like an image) named on stderr without a traceback and a non-zero exit; existing
-outputs skipped only when made with the same settings, --overwrite redoes them; outputs never
+outputs skipped only when made with the same settings (and --config.* overrides), --overwrite
+redoes them; a file no restore run wrote kept unless --overwrite, an input never overwritten, a
+glob's outputs allowed below its folder where the pattern does not match them; outputs never
 collide; names that are not UTF-8 work; one compilation per shape bucket; with --exact an image's
 output identical bit for bit whatever the batch size, the other images or the device count, and the
 batched default equal to it to a rounding; bfloat16 sharded weights; oversized files refused from
@@ -130,6 +132,9 @@ def test_cli_folder(ckpt, photos, tmp_path, capsys):
     assert "4 existing output(s) were made with other settings" in capsys.readouterr().err
     assert all(p.stat().st_mtime_ns != stamp[p] for p in stamp)
     assert all(json.loads(p.with_suffix(".json").read_text())["seed"] == 4 for p in stamp)
+    # So are outputs made with other --config.* overrides (here the noise schedule's end).
+    assert restore_cli.main([a if a != "3" else "4" for a in args] + ["--config.diffusion.beta_end=0.013"]) == 1
+    assert "4 existing output(s) were made with other settings" in capsys.readouterr().err
 
 
 def test_same_output_any_batch_or_device_count(ckpt, photos, tmp_path, capsys):
@@ -325,6 +330,57 @@ def test_output_folder_is_checked_before_the_model_loads(ckpt, photos, tmp_path,
     assert not os.path.exists("gs:") and not (tmp_path / "o").exists()
 
 
+def test_inputs_are_never_overwritten_and_globs_need_not_leave_their_folder(ckpt, photos, tmp_path, capsys):
+    """--input photo.png --output . would write photo.png over the input: refused before the model
+    loads. A glob's outputs may go below its folder where the pattern does not match them."""
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "photo.png").write_bytes((photos / "a.png").read_bytes())
+    before = (single / "photo.png").read_bytes()
+    (tmp_path / "nowhere").mkdir()
+    nowhere = str(tmp_path / "nowhere")  # not a checkpoint: it is checked after the output folder
+    assert restore_cli.main(["--checkpoint", nowhere, "--input", str(single / "photo.png"),
+                             "--output", str(single)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert (single / "photo.png").read_bytes() == before and os.listdir(single) == ["photo.png"]
+    for pattern, out, refused in (("*.png", "restored", False), ("*.png", ".", True),
+                                  ("*", "restored", False), ("**/*.png", "restored", True)):
+        assert restore_cli.main(["--checkpoint", nowhere, "--input", str(single / pattern),
+                                 "--output", str(single / out)]) == 2
+        err = capsys.readouterr().err
+        assert ("matches the outputs" in err or "would overwrite" in err) == refused, (pattern, out, err)
+        assert refused or "config.json is missing" in err, err  # got as far as the checkpoint
+    assert (single / "photo.png").read_bytes() == before
+
+
+def test_files_a_restore_did_not_write_are_kept(ckpt, photos, tmp_path, capsys):
+    """An image or a .json at an output's path without a restore run's record beside it is the
+    user's: that input fails with a message and the file is kept, unless --overwrite. A rerun
+    restores an input whose content changed under the same name."""
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    out.mkdir()
+    for name in ("a.png", "e.png"):
+        (inp / name).write_bytes((photos / name).read_bytes())
+    (out / "a.png").write_bytes(b"my own a.png")
+    (out / "e.json").write_text("my notes")
+    args = ["--checkpoint", ckpt, "--input", str(inp / "*.png"), "--output", str(out), "--no-progress"]
+    assert restore_cli.main(args) == 1
+    err = capsys.readouterr().err
+    for name in ("a.png", "e.json"):
+        assert any(name in line and "was not written by a restore run" in line for line in err.splitlines()), err
+    assert (out / "a.png").read_bytes() == b"my own a.png" and (out / "e.json").read_text() == "my notes"
+    assert restore_cli.main(args + ["--overwrite"]) == 0
+    assert _read(out / "a.png").shape == (32, 32, 3) and json.loads((out / "e.json").read_text())["seed"] == 0
+    assert restore_cli.main(args) == 0  # its own outputs now: skipped
+    assert "2 output(s) made with these settings already exist" in capsys.readouterr().err
+    (inp / "a.png").write_bytes((photos / "e.png").read_bytes())  # another photo under the old name
+    assert restore_cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "1 output(s) made with these settings" in err and "1 existing output(s) were made" in err
+    assert _read(out / "a.png").shape == (38, 41, 3)
+
+
 def test_foreseeable_errors_are_messages(ckpt, photos, tmp_path, capsys):
     assert restore_cli.main(["--checkpoint", str(tmp_path), "--input", str(photos), "--output", str(tmp_path / "o")]) == 2
     assert "config.json is missing" in capsys.readouterr().err
@@ -365,6 +421,9 @@ def test_large_buckets_are_tiled(ckpt):
     assert Restorer.from_export(ckpt, Options(tile=8, tile_overlap=2)).settings_for((64, 64)).tile == 8
     with pytest.raises(RestoreError, match="multiple of 2"):
         Restorer.from_export(ckpt, Options(tile=7))
+    for overlap in (8, -1):  # refused when the restorer is made, not image by image
+        with pytest.raises(RestoreError, match="--tile-overlap"):
+            Restorer.from_export(ckpt, Options(tile=8, tile_overlap=overlap))
 
 
 def test_the_checkpoints_own_tile(tmp_path):
