@@ -194,14 +194,11 @@ def _saved_record(sidecar: str) -> Optional[Dict[str, Any]]:
 
 def _file_sha256(path: str) -> Optional[str]:
     """The file's content hash (None if it cannot be read: reading it again reports why)."""
-    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return None
-    return digest.hexdigest()
 
 
 def _made_with(saved: Dict[str, Any], settings: Dict[str, Any]) -> bool:
