@@ -3,25 +3,32 @@ neither and never a mix (exports, converted weights), on a local disk or a bucke
 
     with atomic.replacing(final) as tmp:   # write the new version into tmp, a sibling of `final`
         ...                                # on success it takes `final`'s place
-    atomic.resolve(final)                  # readers call this first: it finishes or undoes a swap
-                                           # that a kill interrupted
+    atomic.resolve(final)                  # readers call this first: it finishes a swap that a
+                                           # kill interrupted
 
 A directory cannot be renamed over a non-empty one, so the swap is two renames:
-final -> final.old, final.new -> final, then final.old is removed. A complete new version carries a
-marker file, written last. `resolve` finishes a swap whose new version is complete, puts the old
-version back when the new one is not, and removes leftovers. (On a bucket a "rename" copies object
-by object: the marker still tells a whole version from a partial one.) `process_alive` tells the
-leftovers of a killed writer from those of a live one (temporary files, locks).
+final -> final.old, final.new -> final, then final.old is removed. The siblings are only ever
+touched when they are provably this module's: `final.new` holds an owner file (host and pid of its
+writer) from the start, a complete one also a marker written last, and `final` gets a "retired"
+marker just before it becomes `final.old`. A user's own `model.old` or `export.new` beside a path
+is never moved or removed (a writer refuses to start instead), nor is the `.new` of a writer that
+still runs on this host. Readers never delete a version being written (the old one stands beside
+it); the next writer clears what a killed one left. (On a bucket a "rename" copies object by object:
+the markers still tell a whole version from a partial one.) `process_alive` tells the leftovers of a
+killed writer from those of a live one (temporary files, locks).
 """
 import contextlib
 import os
+import socket
 
 from etils import epath
 
 from diffrestorer_jax import paths
 
 NEW, OLD = ".new", ".old"
-COMPLETE = ".complete"
+COMPLETE = ".complete"   # in final.new once it is whole: written last
+OWNER = ".swap-owner"    # in final.new from its creation: "<host> <pid>" of the writer
+RETIRED = ".retired"     # in final just before it is renamed to final.old
 
 
 def process_alive(pid: int) -> bool:
@@ -40,64 +47,119 @@ def _sibling(final: epath.Path, suffix: str) -> epath.Path:
 
 
 def _remove(p: epath.Path) -> None:
-    if p.is_dir():
-        p.rmtree()
-    elif p.exists():
-        p.unlink()
+    try:
+        if p.is_dir():
+            p.rmtree()
+        elif p.exists():
+            p.unlink()
+    except FileNotFoundError:  # removed meanwhile by another process finishing the same swap
+        pass
+
+
+def _owner_file(folder: epath.Path) -> str:
+    """The owner file's text, "" when there is none."""
+    try:
+        return (folder / OWNER).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+
+
+def _live_writer(folder: epath.Path) -> bool:
+    """Whether `folder`'s owner file names a process of this host that still runs."""
+    host, _, pid = _owner_file(folder).partition(" ")
+    return host == socket.gethostname() and pid.strip().isdigit() and process_alive(int(pid))
+
+
+def _ours_new(new: epath.Path) -> bool:
+    """Whether `final.new` is a version this module was writing (an empty folder loses nothing)."""
+    return new.is_dir() and ((new / OWNER).exists() or (new / COMPLETE).exists()
+                             or not any(new.iterdir()))
+
+
+def _ours_old(final: epath.Path, old: epath.Path) -> bool:
+    """Whether `final.old` is a version this module retired (marked, or mid-swap by `final`'s marker)."""
+    return old.is_dir() and ((old / RETIRED).exists() or (final / COMPLETE).exists())
 
 
 def interrupted(final) -> bool:
-    """Whether a swap of `final` was interrupted (a `.new` or `.old` sibling is there)."""
+    """Whether a swap of `final` was interrupted: a `.new` or `.old` sibling of this module's is there."""
     final = paths.path(final)
-    return _sibling(final, NEW).exists() or _sibling(final, OLD).exists()
+    return _ours_new(_sibling(final, NEW)) or _ours_old(final, _sibling(final, OLD))
 
 
-def resolve(final) -> bool:
-    """Bring `final` back to one whole version after an interrupted swap; True if anything was done."""
-    final = paths.path(final)
+def _finish(final: epath.Path, *, writer: bool) -> bool:
     new, old = _sibling(final, NEW), _sibling(final, OLD)
+    if _live_writer(new if new.exists() else final) and not writer:
+        return False  # a writer of this host is at work: its own commit finishes the swap
     acted = False
-    if new.is_dir() and (new / COMPLETE).exists():
+    if _ours_new(new) and (new / COMPLETE).exists():
         if final.exists():
             if old.exists():
+                if not _ours_old(final, old):
+                    raise FileExistsError(f"{old} is in the way of replacing {final} and was not "
+                                          f"written by diffrestorer: move it away")
                 _remove(old)
+            (final / RETIRED).write_text("")
             final.rename(old)
         new.rename(final)
         acted = True
-    elif new.exists():
+    elif writer and _ours_new(new):
         _remove(new)  # a kill while the new version was being written: the old one stands
         acted = True
-    if not final.exists() and old.is_dir():
-        old.rename(final)
+    if _ours_old(final, old):
+        if not final.exists():
+            old.rename(final)  # the old version, retired by a swap whose new one went missing
+        else:
+            _remove(old)
         acted = True
-    elif old.exists():
-        _remove(old)
-        acted = True
-    if (final / COMPLETE).exists():
-        (final / COMPLETE).unlink()
+    for marker in (RETIRED, COMPLETE, OWNER):
+        if (final / marker).exists():
+            (final / marker).unlink()
     return acted
 
 
+def resolve(final) -> bool:
+    """For readers: bring `final` back to one whole version after a swap a kill interrupted (finish
+    it when the new version is complete); True if anything was done. A version still being written
+    is left alone, as is anything beside `final` that this module did not write."""
+    return _finish(paths.path(final), writer=False)
+
+
 def begin(final) -> epath.Path:
-    """A fresh, empty `final.new` to write the new version into (after resolving `final`)."""
+    """A fresh, empty `final.new` to write the new version into, marked with this process as owner.
+    Clears what a killed writer left; refuses (FileExistsError) when another writer of this host is
+    at work or a `.new` / `.old` sibling is there that this module did not write."""
     final = paths.path(final)
-    resolve(final)
+    new, old = _sibling(final, NEW), _sibling(final, OLD)
+    if new.exists() and _live_writer(new) and _owner_file(new) != _owner_text():
+        raise FileExistsError(f"{final} is being written by another process ({_owner_file(new)})")
+    _finish(final, writer=True)
+    for sibling in (new, old):
+        if sibling.exists():
+            raise FileExistsError(f"{sibling} is in the way of writing {final} and was not written by "
+                                  f"diffrestorer: move it away")
     final.parent.mkdir(parents=True, exist_ok=True)
-    new = _sibling(final, NEW)
     new.mkdir(parents=True)
+    (new / OWNER).write_text(_owner_text())
     return new
+
+
+def _owner_text() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
 
 
 def commit(final) -> None:
     """Mark `final.new` complete and swap it into `final`'s place."""
     final = paths.path(final)
     (_sibling(final, NEW) / COMPLETE).write_text("")
-    resolve(final)
+    _finish(final, writer=True)
 
 
 def abort(final) -> None:
     """Drop an unfinished `final.new`; `final` is untouched."""
-    _remove(_sibling(paths.path(final), NEW))
+    new = _sibling(paths.path(final), NEW)
+    if _ours_new(new):
+        _remove(new)
 
 
 @contextlib.contextmanager

@@ -6,12 +6,32 @@ PATH: a diffusers folder (component or pipeline root), a single-file SD checkpoi
 (.safetensors / .ckpt, for --unet and --vae), or a Hugging Face / OpenAI CLIP checkpoint.
 Writes DIR/unet, DIR/vae, DIR/clip (Orbax params + flax_module.json); point the config's
 weights.unet / weights.vae / weights.clip at them. Any of the three may be left out.
+Every source and destination is checked before anything is written: a DIR/<name> that exists and
+is not an earlier conversion (e.g. the pipeline folder being converted) is never written over.
 """
 import argparse
-import os
 import sys
 
 from diffrestorer_jax.cli import startup
+
+
+def _check(out: str, jobs) -> list:
+    """What stops the conversion before it writes anything: a missing source, an --out that is a
+    file, a destination that holds something other than an earlier conversion."""
+    from diffrestorer_jax import paths
+    from diffrestorer_jax.convert import is_converted
+    out_path = paths.path(out)
+    if out_path.exists() and not out_path.is_dir():
+        return [f"--out {out}: exists and is not a folder"]
+    problems = []
+    for name, src in jobs:
+        dest = out_path / name
+        if not paths.path(src).exists():
+            problems.append(f"--{name} {src}: no such file or folder")
+        elif dest.exists() and not is_converted(str(dest)):
+            problems.append(f"--out {out}: {dest} exists and is not an earlier conversion (it would be "
+                            f"replaced): give another --out")
+    return problems
 
 
 def main(argv=None) -> int:
@@ -33,8 +53,10 @@ def main(argv=None) -> int:
             ("clip", args.clip, convert.load_clip_vision)]
     if not any(src for _, src, _ in jobs):
         p.error("nothing to convert: give --unet, --vae and/or --clip")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        print(f"error: --out {args.out}: exists and is not a folder", file=sys.stderr)
+    problems = _check(args.out, [(name, src) for name, src, _ in jobs if src])
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
         return 2
     for name, src, load in jobs:
         if not src:

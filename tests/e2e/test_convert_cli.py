@@ -1,5 +1,6 @@
 """diffrestorer-convert: PyTorch weights -> our format, which then loads without the source files."""
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +64,22 @@ def test_bad_source_is_one_clear_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err
+
+
+def test_out_never_replaces_what_it_did_not_write(sources, tmp_path, capsys):
+    """`--out` at the pipeline being converted is refused (its unet/ would have been replaced by the
+    conversion); a missing source stops the run before anything is written; an earlier conversion
+    is replaced."""
+    pipe = tmp_path / "pipe"
+    shutil.copytree(sources, pipe)
+    before = sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*"))
+    assert convert_main(["--unet", str(pipe), "--out", str(pipe)]) == 2
+    assert "unet exists and is not an earlier conversion" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(pipe)) for p in pipe.rglob("*")) == before
+    out = tmp_path / "out"
+    assert convert_main(["--clip", str(pipe / "clip"), "--vae", str(tmp_path / "typo"),
+                         "--out", str(out)]) == 2
+    assert "typo: no such file or folder" in capsys.readouterr().err and not out.exists()
+    for _ in range(2):  # the second run replaces the first's conversion
+        assert convert_main(["--clip", str(pipe / "clip"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["clip"]

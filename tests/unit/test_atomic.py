@@ -48,6 +48,7 @@ def test_a_kill_at_any_rename_leaves_one_whole_version(tmp_path, monkeypatch, ki
         atomic.commit(final)
         raise Killed()  # kill_at past the last rename: died after the swap, before anything else
     monkeypatch.setattr(atomic.os, "rename", real)
+    monkeypatch.setattr(atomic, "process_alive", lambda pid: False)  # the writer is dead
     before = version(final)
     atomic.resolve(final)
     # once the new version is complete (its marker written before any rename) it wins
@@ -62,8 +63,8 @@ def test_a_kill_while_writing_keeps_the_old_version(tmp_path):
     tmp = atomic.begin(final)
     write(tmp, "half")  # no commit: the writer died here
     assert version(final) == "old"
-    atomic.resolve(final)
-    assert version(final) == "old" and sorted(os.listdir(tmp_path)) == ["export"]
+    atomic.resolve(final)  # a reader leaves the half-written version; the next writer clears it
+    assert version(final) == "old" and sorted(os.listdir(tmp_path)) == ["export", "export.new"]
     with pytest.raises(ValueError):
         with atomic.replacing(final) as tmp:
             write(tmp, "bad")
@@ -71,13 +72,51 @@ def test_a_kill_while_writing_keeps_the_old_version(tmp_path):
     assert version(final) == "old" and sorted(os.listdir(tmp_path)) == ["export"]
 
 
-def test_old_version_is_put_back_when_the_new_one_is_incomplete(tmp_path):
+def test_a_retired_version_is_put_back_when_the_new_one_went_missing(tmp_path):
     final = str(tmp_path / "export")
     os.makedirs(final + atomic.OLD)
     write(final + atomic.OLD, "old")
-    os.makedirs(final + atomic.NEW)  # no marker: incomplete
+    open(os.path.join(final + atomic.OLD, atomic.RETIRED), "w").close()  # as a swap marks it
     atomic.resolve(final)
     assert version(final) == "old" and sorted(os.listdir(tmp_path)) == ["export"]
+    assert os.listdir(final) == ["v.txt"]
+
+
+def test_what_this_module_did_not_write_is_never_moved_or_removed(tmp_path):
+    """A user's backups beside a path (`model.safetensors.old`, `unet.new/`, `vae.old/`) survive
+    every reader, and a writer refuses to start rather than remove them."""
+    (tmp_path / "model.safetensors").write_text("weights")
+    (tmp_path / "model.safetensors.old").write_text("my backup")
+    for name in ("unet.new", "vae.old"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "w.bin").write_text(name)
+    before = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    for path in ("model.safetensors", "unet", "vae", "missing"):
+        assert not atomic.interrupted(str(tmp_path / path))
+        atomic.resolve(str(tmp_path / path))
+    for path, sibling in (("unet", "unet.new"), ("vae", "vae.old")):
+        with pytest.raises(FileExistsError, match=sibling):
+            atomic.begin(str(tmp_path / path))
+    assert {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.safetensors", "model.safetensors.old",
+                                                   "unet.new", "vae.old"])
+
+
+def test_a_reader_leaves_a_live_writers_version_alone(tmp_path):
+    """A reader (training start, restore, another convert) while a writer of this host is at work
+    leaves its `.new` as it is, complete or not; the writer's own commit then swaps it in."""
+    final = str(tmp_path / "export")
+    with atomic.replacing(final) as tmp:
+        write(tmp, "old")
+    tmp = atomic.begin(final)
+    write(tmp, "new")
+    assert atomic.interrupted(final)
+    assert not atomic.resolve(final) and version(final) == "old" and version(tmp) == "new"
+    open(os.path.join(tmp, atomic.COMPLETE), "w").close()  # complete, the writer not yet swapping
+    assert not atomic.resolve(final) and version(final) == "old"
+    atomic.commit(final)
+    assert version(final) == "new" and sorted(os.listdir(tmp_path)) == ["export"]
+    assert os.listdir(final) == ["v.txt"]
 
 
 def test_export_interrupted_while_writing_reads_as_the_previous_one(tmp_path, monkeypatch):
