@@ -71,20 +71,30 @@ def save_converted(directory: str, module, params) -> None:
 
 
 def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
-    """(module, params) from a directory written by `save_converted`."""
+    """(module, params) from a directory written by `save_converted`. A folder from another version
+    of this code, edited or damaged is a CheckpointError naming it and what is wrong."""
     directory = paths.path(directory)
     try:
         spec = json.loads((directory / MODULE_FILE).read_text())
         cls = _module_classes()[spec["class"]]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{directory}: not a converted-weights folder ({MODULE_FILE}: {e})") from e
-    fields = {k: _from_json(v) for k, v in spec["fields"].items()}
+        fields = {k: _from_json(v) for k, v in spec["fields"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory}: not a converted-weights folder ({MODULE_FILE}: "
+                              f"{type(e).__name__}: {e})") from e
     if dtype is not None:
         fields["dtype"] = fields["param_dtype"] = dtype
-    module = cls(**fields)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(directory / PARAMS_DIR)
+    try:
+        module = cls(**fields)
+    except TypeError as e:  # a field this version of the module does not have
+        raise CheckpointError(f"{directory}: {MODULE_FILE} does not fit this version's {cls.__name__} "
+                              f"({e}); convert the weights again with this version") from e
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(directory / PARAMS_DIR)
+    except Exception as e:  # orbax reports a lost or damaged file as ValueError, FileNotFoundError, ...
+        raise CheckpointError(f"{directory / PARAMS_DIR}: the parameters cannot be read "
+                              f"({type(e).__name__}: {str(e)[:160]}); "
+                              f"convert the weights again") from e
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return module, params
-

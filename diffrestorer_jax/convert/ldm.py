@@ -112,6 +112,27 @@ def _describe(keys) -> str:
     return f"its first keys are {ks[:5]}"
 
 
+def _unsupported_family(keys) -> str:
+    """The name of a Stable Diffusion family whose single files this loader does not read, or ""."""
+    ks = list(keys)
+    if any(k.startswith((UNET_PREFIX + "joint_blocks.", "joint_blocks.")) for k in ks):
+        return "Stable Diffusion 3 (an MMDiT, not a UNet)"
+    if any(k.startswith((UNET_PREFIX + "double_blocks.", "double_blocks.")) for k in ks):
+        return "FLUX (a transformer, not a UNet)"
+    if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in ks):
+        return "SDXL"
+    return ""
+
+
+def _refuse_unsupported(path: str, keys) -> None:
+    family = _unsupported_family(keys)
+    if family:
+        hint = ("; SDXL's VAE has a latent scale of its own, which a diffusers folder's vae/config.json "
+                "gives" if family == "SDXL" else "")
+        raise CheckpointError(f"{path}: this looks like a {family} checkpoint; single files are read for "
+                              f"Stable Diffusion 1.x / 2.x only{hint}")
+
+
 def _ema_key(ldm_key: str) -> str:
     return EMA_PREFIX + ("diffusion_model." + ldm_key).replace(".", "")
 
@@ -120,6 +141,7 @@ def unet_state_dict(sd: Mapping, prefer_ema: bool = True) -> RenamedStateDict:
     """A diffusers-keyed view of the UNet in an LDM single-file state dict (EMA weights if present)."""
     path = getattr(sd, "path", "<state dict>")
     all_keys = set(sd)
+    _refuse_unsupported(path, all_keys)
     plain = [k[len(UNET_PREFIX):] for k in all_keys if k.startswith(UNET_PREFIX)]
     if not plain:
         if any(k.startswith(EMA_PREFIX + "diffusion_model") for k in all_keys):
@@ -127,6 +149,9 @@ def unet_state_dict(sd: Mapping, prefer_ema: bool = True) -> RenamedStateDict:
                                   "names cannot be mapped without the plain model.diffusion_model.* keys")
         raise CheckpointError(f"{path}: not a single-file Stable Diffusion checkpoint (no "
                               f"'{UNET_PREFIX}*' keys); {_describe(all_keys)}")
+    if not any(k.startswith("input_blocks.") for k in plain):
+        raise CheckpointError(f"{path}: '{UNET_PREFIX}*' holds no input_blocks: not the UNet of a "
+                              f"Stable Diffusion 1.x / 2.x file (first keys {sorted(plain)[:3]})")
     rename = unet_ldm_to_diffusers(plain)
     with_ema = [k for k in plain if _ema_key(k) in all_keys]
     if prefer_ema and with_ema and len(with_ema) == len(plain):
@@ -196,6 +221,7 @@ def vae_state_dict(sd: Mapping) -> RenamedStateDict:
     """A diffusers-keyed view of the VAE in an SD single file, or in a standalone LDM/diffusers VAE file."""
     path = getattr(sd, "path", "<state dict>")
     keys = list(sd)
+    _refuse_unsupported(path, keys)
     if any(k.startswith(VAE_PREFIX) for k in keys):
         prefix = VAE_PREFIX
     elif "encoder.conv_in.weight" in keys:

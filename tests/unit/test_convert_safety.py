@@ -5,6 +5,7 @@ pickles are memory-mapped, not read whole."""
 import builtins
 import json
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -140,7 +141,18 @@ def _bad_sources(tmp):
     escape.mkdir()
     (escape / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     _index(escape, "../empty.safetensors")
+    families = {"sd3": ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(2),
+                         "first_stage_model.decoder.conv_in.weight": torch.zeros(2)}, "Stable Diffusion 3"),
+                "flux": ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, "FLUX"),
+                "sdxl": ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
+                          "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2),
+                          "first_stage_model.encoder.conv_in.weight": torch.zeros(2)}, "SDXL"),
+                "other": ({"model.diffusion_model.blocks.0.weight": torch.zeros(2)}, "holds no input_blocks")}
+    for name, (tensors, _) in families.items():
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
     return [("--unet", tmp / "nowhere", "nowhere"),
+            *[(flag, tmp / f"{name}.safetensors", expected) for name, (_, expected) in families.items()
+              for flag in ("--unet", "--vae") if name != "other" or flag == "--unet"],
             ("--clip", empty, "empty.safetensors: not a valid safetensors"),
             ("--vae", text, "notes.ckpt: cannot be read"), ("--vae", listcfg, "JSON list, not an object"),
             ("--unet", listcfg, "JSON list, not an object"), ("--clip", listcfg, "JSON list, not an object"),
@@ -157,3 +169,40 @@ def test_convert_reports_every_foreseeable_error_in_one_line(tmp_path, capsys):
     assert convert_main(["--unet", str(tmp_path / "nowhere"), "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'file'}: exists and is not a folder" in err
+
+
+def test_a_damaged_or_foreign_converted_folder_is_one_clear_line(tmp_path, capsys):
+    """A converted folder from another version of the code, edited, or with a lost parameter file
+    loads as a CheckpointError naming it (convert: exit 2, no traceback)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, image_size=16, patch_size=8)
+                    ).save_pretrained(tmp_path / "src")
+    assert convert_main(["--clip", str(tmp_path / "src"), "--out", str(tmp_path / "good")]) == 0
+    good = tmp_path / "good" / "clip"
+
+    def spec(edit):
+        def change(folder):
+            d = json.loads((folder / "flax_module.json").read_text())
+            edit(d)
+            (folder / "flax_module.json").write_text(json.dumps(d))
+        return change
+
+    def lose_a_params_file(folder):
+        (next(p for p in sorted((folder / "params").rglob("*")) if p.is_file()
+              and p.name in ("_METADATA", "manifest.ocdbt"))).unlink()
+
+    cases = {"a field from another version": (spec(lambda d: d["fields"].update(old_field=1)),
+                                              "does not fit this version's CLIPVisionTransformer"),
+             "no fields": (spec(lambda d: d.pop("fields")), "KeyError"),
+             "fields null": (spec(lambda d: d.update(fields=None)), "AttributeError"),
+             "a lost params file": (lose_a_params_file, "the parameters cannot be read")}
+    for i, (case, (damage, expected)) in enumerate(cases.items()):
+        folder = tmp_path / f"case{i}" / "clip"
+        shutil.copytree(good, folder)
+        damage(folder)
+        with pytest.raises(CheckpointError, match=expected):
+            load_clip_vision(str(folder))
+        assert convert_main(["--clip", str(folder), "--out", str(tmp_path / f"out{i}")]) == 2, case
+        err = capsys.readouterr().err
+        assert str(folder) in err and "Traceback" not in err, (case, err)
