@@ -240,3 +240,23 @@ def test_dtypes_come_from_the_caller_not_the_checkpoint(tmp_path):
     assert module.dtype == jnp.float32 and {l.dtype for l in jax.tree.leaves(params)} == {np.dtype("float32")}
     module, params = load_clip_vision(str(tmp_path), dtype=jnp.bfloat16)
     assert module.dtype == jnp.bfloat16 and {l.dtype for l in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+
+
+def test_convert_cli_takes_an_open_clip_files_activation_and_heads(tmp_path, capsys):
+    """diffrestorer-convert --clip on an open_clip file (GELU): --clip-act / --clip-heads reach the
+    loader, and the conversion equals the reference; without --clip-act the assumed QuickGELU is said."""
+    from diffrestorer_jax import convert
+    from diffrestorer_jax.cli.convert import main as convert_main
+    model = _build("vision_proj", "gelu", seed=3)
+    f = tmp_path / "open_clip_pytorch_model.safetensors"
+    save_file(_to_openai(model), str(f))
+    out = tmp_path / "w"
+    assert convert_main(["--clip", str(f), "--out", str(out), "--clip-act", "gelu", "--clip-heads", "4"]) == 0
+    assert "does not say its activation" not in capsys.readouterr().err
+    module, params = convert.load_clip_vision(str(out / "clip"))
+    assert (module.hidden_act, module.num_attention_heads) == ("gelu", 4)
+    _compare(module, params, model, _pixels(3))
+    assert convert_main(["--clip", str(f), "--out", str(out), "--clip-heads", "4"]) == 0
+    assert "QuickGELU (OpenAI's) is assumed: give --clip-act gelu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a Hugging Face folder says both itself
+        convert_main(["--clip", str(tmp_path), "--out", str(out), "--clip-act", "gelu"])
