@@ -11,7 +11,11 @@ a real row's compute (`lax.map` on the CPU; on accelerators less, but not nothin
 sizes exist for a program: at warm-up every one for the warmed sizes; for a new size or setting
 the first call compiles the one it needs, and the others are compiled while the server is idle
 (`idle_warm`). Once a (settings, bucket) pair has a compiled batch size, its calls use only
-compiled ones, so a seen size never waits for a compile.
+compiled ones, so a seen size never waits for a compile. A warm-up compile that fails (out of device
+memory for a large batch, say) is logged and that batch size is skipped; the server goes on serving.
+
+Queued images keep the compact integer form `compact` gives them (uint8 for 8-bit files: 1 byte per
+channel) and become float32 (`expand`) only when their batch runs, exactly as decoded.
 
 All JAX work happens on this one thread; request threads only enqueue and wait.
 """
@@ -30,14 +34,32 @@ from diffrestorer_jax.parallel.sharding import CompileCounter
 
 
 class QueueFull(Exception):
-    """More images are waiting than the server accepts (`max_pending`): a message for the user."""
+    """The server takes no more images (queue full, shutting down, worker stopped): a message for the user."""
+
+
+def compact(image: np.ndarray) -> np.ndarray:
+    """A decoded float32 image as uint8 (or uint16) when `expand` gives it back bit for bit, else as is."""
+    for dtype, peak in ((np.uint8, 255), (np.uint16, 65535)):
+        small = np.round(image * peak).astype(dtype)
+        if np.array_equal(expand(small), image):
+            return small
+    return image
+
+
+def expand(image: np.ndarray) -> np.ndarray:
+    """`compact`'s inverse: float32 in [0, 1], computed as the decoder computes it."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == np.uint16:
+        return (image / 65535.0).astype(np.float32)
+    return image
 
 
 @dataclasses.dataclass(eq=False)
 class Work:
     """One image to restore and where its result goes. `done(restored, info, error)` is called once,
     on the worker thread, with (array, info, None) or (None, None, message)."""
-    image: np.ndarray  # float32 [H, W, 3] in [0, 1]
+    image: np.ndarray  # [H, W, 3]: `compact`'s uint8 / uint16, or float32 in [0, 1]
     image_id: int
     options: Options
     done: Callable[[Optional[np.ndarray], Optional[Dict], Optional[str]], None]
@@ -77,6 +99,7 @@ class Batcher:
         self._running: List[Work] = []
         self._compiled: Dict[Tuple, set] = {}  # program -> batch sizes compiled
         self._seen: Dict[Tuple, Options] = {}  # program -> options that use it (for idle warming)
+        self._failed: set = set()  # (program, batch size) whose warm-up compile failed: skipped
         self._warm_list: List[Tuple[Options, Tuple[int, int]]] = []
         self._stop = False
         self._last_activity = time.monotonic()
@@ -110,7 +133,7 @@ class Batcher:
         return (settings_key(options), bucket), (r.settings_for(bucket), options.color_fix, bucket)
 
     def submit(self, works: List[Work]) -> None:
-        """Queue images (all or none: QueueFull when they do not fit)."""
+        """Queue images (all or none: QueueFull when they do not fit or the worker has stopped)."""
         now = time.monotonic()
         for w in works:
             w.group, w.program = self.program_of(w.options, *w.image.shape[:2])
@@ -118,6 +141,9 @@ class Batcher:
         with self._cond:
             if self._stop:
                 raise QueueFull("the server is shutting down")
+            if self.state == "stopped":
+                raise QueueFull("the server's restore worker has stopped (see the server's log); "
+                                "it must be restarted")
             if len(self._pending) + len(works) > self.max_pending:
                 raise QueueFull(f"the server is busy ({len(self._pending)} images waiting, at most "
                                 f"{self.max_pending}); try again in a moment")
@@ -152,8 +178,9 @@ class Batcher:
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
-        with self._counter:
-            try:
+        status = "stopped"
+        try:
+            with self._counter:
                 self._warm_start()
                 while True:
                     batch = self._next_batch()
@@ -163,16 +190,15 @@ class Batcher:
                         self._restore(*batch)
                     else:
                         self._warm_one_idle()
-            except Exception as e:  # noqa: BLE001  a bug must not leave requests waiting forever
-                self.log(f"error: the restore worker stopped: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-                with self._cond:
-                    self.state, self.status = "stopped", f"stopped by an internal error ({type(e).__name__}: {e})"
-                    pending, self._pending = self._pending, []
-                for w in pending:
-                    w.done(None, None, "the server's restore worker stopped (see its log)")
-                return
-        with self._cond:
-            self.state, self.status = "stopped", "stopped"
+        except Exception as e:  # noqa: BLE001  a bug must not leave requests waiting forever
+            self.log(f"error: the restore worker stopped: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            status = f"stopped by an internal error ({type(e).__name__}: {e})"
+        finally:
+            with self._cond:  # however the thread ends, submit refuses from now on
+                self.state, self.status = "stopped", status
+                pending, self._pending, self._running = self._running + self._pending, [], []
+            for w in pending:
+                w.done(None, None, "the server's restore worker stopped (see its log)")
 
     def _warm_start(self) -> None:
         todo = [(o, hw, b) for o, hw in self._warm_list for b in self.sizes]
@@ -184,11 +210,11 @@ class Batcher:
                 return
             self._set_status(f"warming up: program {k + 1} of {len(todo)} ({h}x{w}, batch {b})")
             group, program = self.program_of(options, h, w)
-            self._warm_call(options, program, b)
+            self._try_warm(options, program, b)
             with self._cond:
                 self._seen.setdefault(program, options)
         if todo:
-            self.log(f"ready: {len(todo)} program(s) warmed in {time.monotonic() - t0:.1f} s "
+            self.log(f"ready: {len(todo) - len(self._failed)} program(s) warmed in {time.monotonic() - t0:.1f} s "
                      f"({self.stats.cache_hits} loaded from the compilation cache)")
         with self._cond:
             self.state, self.status = "ready", ""
@@ -202,7 +228,8 @@ class Batcher:
         out = []
         for program, options in self._seen.items():
             done = self._compiled.get(program, set())
-            out.extend((options, program, b) for b in self.sizes if b not in done)
+            out.extend((options, program, b) for b in self.sizes
+                       if b not in done and (program, b) not in self._failed)
         return out
 
     def _next_batch(self):
@@ -254,6 +281,16 @@ class Batcher:
             self._compiled.setdefault(program, set()).add(b)
             self.stats.warm_calls += 1
 
+    def _try_warm(self, options: Options, program: Tuple, b: int) -> None:
+        """`_warm_call`; a failure is logged and that batch size skipped from then on."""
+        try:
+            self._warm_call(options, program, b)
+        except Exception as e:  # noqa: BLE001  e.g. out of device memory for this batch size
+            self.log(f"warning: compiling {program[2][0]}x{program[2][1]} batch {b} failed, so that batch "
+                     f"size is not used: {type(e).__name__}: {e}")
+            with self._cond:
+                self._failed.add((program, b))
+
     def _warm_one_idle(self) -> None:
         with self._cond:
             missing = self._missing()
@@ -261,12 +298,10 @@ class Batcher:
             return
         options, program, b = missing[0]
         self._set_status(f"compiling in the background: {program[2][0]}x{program[2][1]}, batch {b}")
-        try:
-            self._warm_call(options, program, b)
-        finally:
-            with self._cond:
-                self.status = ""
-                self._last_activity = time.monotonic()
+        self._try_warm(options, program, b)
+        with self._cond:
+            self.status = ""
+            self._last_activity = time.monotonic()
 
     def _restore(self, restorer: Restorer, works: List[Work], b: int) -> None:
         program = works[0].program
@@ -283,7 +318,7 @@ class Batcher:
         before = self._compile_events()
         t0 = time.monotonic()
         try:
-            results = list(restorer.restore_stream((w, w.image, w.image_id) for w in works))
+            results = list(restorer.restore_stream((w, expand(w.image), w.image_id) for w in works))
         except Exception as e:  # noqa: BLE001  one bad call must not take the server down
             self.log(f"error: restore call failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             with self._cond:

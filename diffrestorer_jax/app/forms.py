@@ -15,6 +15,7 @@ from diffrestorer_jax.infer.restorer import Options
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 SETTING_FIELDS = ("steps", "sampler", "seed", "fidelity", "color_fix", "samples", "tile")
+MAX_SEED = 2 ** 31 - 1  # seeds the app accepts: 0..MAX_SEED
 
 
 class FormError(Exception):
@@ -106,7 +107,7 @@ def parse_settings(fields: Dict[str, str], defaults: Options, limits: Limits = L
     if unknown:
         raise FormError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_FIELDS)}")
     changes = {}
-    for name, lo, hi in (("steps", 1, limits.max_steps), ("seed", 0, 2 ** 31 - 1),
+    for name, lo, hi in (("steps", 1, limits.max_steps), ("seed", 0, MAX_SEED),
                          ("samples", 1, limits.max_samples)):
         value = _int(fields, name, lo, hi)
         if value is not None:

@@ -2,7 +2,7 @@
 
 A job holds each image's decoded input and restored PNG and its sidecar (settings, seed, type
 probabilities); the page polls `snapshot` (long-polling on `wait`). The store keeps finished jobs
-up to a count and a byte budget, dropping the oldest first; a job still running is never dropped.
+up to a count and a byte budget (`JobStore.trim`); jobs not finished are neither counted nor dropped.
 """
 import secrets
 import threading
@@ -37,12 +37,15 @@ class Job:
         self.entries = entries
         self.settings = settings
         self.version = 0
+        self.finished_at = time.monotonic() if self.finished else None  # when its last image finished
         self.cond = threading.Condition()
 
     def update(self, index: int, **fields) -> None:
         with self.cond:
             for k, v in fields.items():
                 setattr(self.entries[index], k, v)
+            if self.finished_at is None and self.finished:
+                self.finished_at = time.monotonic()
             self.version += 1
             self.cond.notify_all()
 
@@ -112,13 +115,14 @@ class JobStore:
             return sum(j.nbytes() for j in self._jobs.values())
 
     def trim(self) -> None:
-        """Drop the oldest finished jobs until within both limits."""
+        """Drop the finished jobs that finished first while the finished ones exceed either limit,
+        but never the one that finished last (its page is about to fetch the results)."""
         with self._lock:
-            total = sum(j.nbytes() for j in self._jobs.values())
-            for job_id in list(self._jobs):
-                if len(self._jobs) <= self.max_jobs and total <= self.max_bytes:
+            done = sorted((j for j in self._jobs.values() if j.finished_at is not None),
+                          key=lambda j: j.finished_at)
+            count, total = len(done), sum(j.nbytes() for j in done)
+            for job in done[:-1]:
+                if count <= self.max_jobs and total <= self.max_bytes:
                     break
-                job = self._jobs[job_id]
-                if job.finished:
-                    total -= job.nbytes()
-                    del self._jobs[job_id]
+                count, total = count - 1, total - job.nbytes()
+                del self._jobs[job.id]

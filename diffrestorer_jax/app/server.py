@@ -9,7 +9,8 @@
 
 Request threads decode and check uploads and answer polls; only the batcher's thread runs JAX.
 Bound to 127.0.0.1 by default; while bound to a loopback address, requests naming another host
-(DNS rebinding) or coming from another site's page (cross-site POST) are refused.
+(DNS rebinding) or coming from another site's page (cross-site POST, `Origin: null` included) are
+refused.
 """
 import http.server
 import ipaddress
@@ -74,7 +75,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._json(status, {"error": message, **extra})
 
     def _host_ok(self) -> bool:
-        """While bound to loopback: the Host must be a loopback name and a cross-site Origin is refused."""
+        """While bound to loopback: the Host must be a loopback name and a cross-site Origin is refused
+        (for a POST, the opaque `null` of a sandboxed frame or a local file's page too)."""
         if not self.loopback_only:
             return True
         host = (self.headers.get("Host") or "").strip()
@@ -83,7 +85,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if name not in LOOPBACK_NAMES and not is_loopback(name):
             return False
         origin = self.headers.get("Origin")
-        if origin and origin != "null":
+        if origin == "null":
+            return self.command != "POST"
+        if origin:
             oname = (urllib.parse.urlsplit(origin).hostname or "").lower()
             if oname not in LOOPBACK_NAMES and not is_loopback(oname):
                 return False
@@ -175,19 +179,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._json(status, payload)
 
     def _read_body(self) -> Optional[bytes]:
-        """The request body, or None after answering 411 / 413 (the body is read and dropped first,
-        up to 16 times the limit, so the browser sees the answer instead of a reset connection)."""
+        """The request body, or None after answering 400 / 411 / 413 (for 413 the body is read and
+        dropped first, up to 16 times the limit, so the browser sees the answer, not a reset connection)."""
         limit = self.app.config.max_upload_bytes
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.close_connection = True
             self._error(411, "send the upload with a Content-Length (not chunked)")
             return None
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        text = (self.headers.get("Content-Length") or "").strip()
+        if not text:
             self.close_connection = True
             self._error(411, "the upload has no Content-Length")
             return None
+        if not re.fullmatch(r"[0-9]+", text):
+            self.close_connection = True
+            self._error(400, f"Content-Length must be a whole number of bytes, got {text[:40]!r}")
+            return None
+        length = int(text)
         if length > limit:
             self.close_connection = True
             left = length if length <= 16 * limit else 0

@@ -13,7 +13,7 @@ import zipfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from diffrestorer_jax.app import forms, jobs, samples
-from diffrestorer_jax.app.batching import Batcher, QueueFull, Work
+from diffrestorer_jax.app.batching import Batcher, QueueFull, Work, compact
 from diffrestorer_jax.app.pool import RestorerPool
 from diffrestorer_jax.data.image_io import ImageReadError, decode_image, encode_png
 from diffrestorer_jax.infer.program import COLOR_FIX_METHODS
@@ -133,7 +133,7 @@ class App:
             entry = jobs.Entry(name, size=image.shape[:2])
             entry.input_png = encode_png(image)
             entries.append(entry)
-            decoded.append((len(entries) - 1, image))
+            decoded.append((len(entries) - 1, compact(image)))  # uint8 while it waits, not float32
         public = self.public_settings(restorer)
         if not decoded:
             return 400, {"error": "no usable image in the upload",
@@ -192,6 +192,8 @@ class App:
             seed = int(query.get("seed", "0"))
         except ValueError:
             raise forms.FormError("strength must be a number and seed a whole number") from None
+        if not 0 <= seed <= forms.MAX_SEED:
+            raise forms.FormError(f"seed must be between 0 and {forms.MAX_SEED}, got {seed}")
         try:
             image = self.samples.degraded(query.get("photo", ""), query.get("type", ""), strength, seed)
         except samples.SampleError as e:

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     p.add_argument("--max-queue", type=int, default=128, help="images waiting before uploads are refused")
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept for viewing and download")
-    p.add_argument("--keep-mb", type=float, default=512.0, help="memory for kept results (default 512)")
+    p.add_argument("--keep-mb", type=float, default=512.0,
+                   help="memory for finished jobs' results (default 512; the last to finish is always kept)")
     return p
 
 

@@ -4,14 +4,19 @@ Requests and results (input size, sidecar, zip, the command line's output), conc
 batched into fewer compiled calls than requests with no compile for a seen size, bad uploads named while the rest is served,
 limits and refusals, localhost only, a restart that loads its programs from the compilation cache.
 One warmed server for the module (1 sampling step, batches of up to 2, warmed at 64x64).
+At the end, in this process: the batching worker (with a stand-in restorer) when a compile fails or
+it stops, the job store's trimming, and queued images held compactly (with the demo checkpoint).
 """
+import collections
 import http.client
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -20,7 +25,10 @@ from PIL import Image
 
 import procs
 from app_helpers import DEMO_CHECKPOINT, ROOT, WARM_ARGS, AppServer, decode_png, multipart, png_bytes, random_image, start_warm
-from diffrestorer_jax.infer.restorer import path_image_id
+from diffrestorer_jax.app import jobs, service
+from diffrestorer_jax.app.batching import Batcher, QueueFull, Work
+from diffrestorer_jax.data.image_io import decode_image, encode_png
+from diffrestorer_jax.infer.restorer import Options, Restorer, path_image_id
 
 ARGS = ["--batch-wait-ms", "300", "--max-pixels", "40000", "--max-upload-mb", "1", "--max-images", "6"]
 
@@ -223,6 +231,40 @@ def test_limits_and_refusals(app):
     assert app.get("/api/status").json()["ready"]
 
 
+def _raw_request(app, head: str):
+    """Send a request head as written (no body), end our side, and read the whole answer."""
+    host, port = app.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head.replace("\n", "\r\n").encode() + b"\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(1 << 16):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("length", ["-1", "12abc"])
+def test_content_length_must_be_a_whole_number(app, length):
+    status, reply = _raw_request(app, f"POST /api/restore HTTP/1.1\nHost: 127.0.0.1\n"
+                                      f"Content-Type: multipart/form-data; boundary=x\nContent-Length: {length}")
+    assert status == 400 and "Content-Length must be a whole number" in reply["error"], reply
+    assert app.get("/api/status").json()["ready"]
+
+
+def test_post_from_an_opaque_origin_is_refused(app):
+    """`Origin: null` (a sandboxed frame, a page opened from a file) is another site's page."""
+    body, ctype = multipart([("a.png", png_bytes(random_image(16, 16, seed=0)))])
+    r = _post_raw(app, body, {"Content-Type": ctype, "Origin": "null"})
+    assert r.status == 403, r.body
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 63), "-1", "9" * 40])
+def test_sample_seed_out_of_range_gets_a_message(app, seed):
+    r = app.get(f"/api/sample.png?photo=coffee&type=noise&strength=1&seed={seed}")
+    assert r.status == 400 and "seed must be between 0 and 2147483647" in r.json()["error"], r.body
+
+
 def _outside_address():
     """A non-loopback IPv4 address of this machine, or None (no packet is sent)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -341,3 +383,143 @@ def test_command_line_mistakes_get_one_line(args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------- in this process
+Settings = collections.namedtuple("Settings", "sampler steps tile samples")
+
+
+class StandInRestorer:
+    """The restorer interface the batcher uses, without a model: an image comes back as its own
+    restoration, and a batch larger than `fits` fails as running out of device memory would."""
+    num_devices = 1
+
+    def __init__(self, batch_size=1, fits=1):
+        self.batch_size, self.fits = batch_size, fits
+
+    def bucket(self, height, width):
+        return height, width
+
+    def settings_for(self, bucket):
+        return Settings("ddim", 1, 0, 1)
+
+    def restore_batch(self, batch, ids):
+        if len(batch) > self.fits:
+            raise RuntimeError(f"RESOURCE_EXHAUSTED: out of memory for a batch of {len(batch)}")
+        return batch, np.zeros((len(batch), 5)), np.zeros(len(batch), bool)
+
+    def restore_stream(self, items):
+        if self.batch_size > self.fits:
+            raise RuntimeError(f"RESOURCE_EXHAUSTED: out of memory for a batch of {self.batch_size}")
+        for tag, image, image_id in items:
+            self.restore_batch(image[None], np.array([image_id]))
+            yield tag, image, {}
+
+
+class StandInPool:
+    base = StandInRestorer()
+
+    def get(self, options, batch_size=1):
+        return StandInRestorer(batch_size)
+
+
+def _work(size=64):
+    """(a Work of a size x size image, its outcome: done.wait() then outcome['error'])."""
+    outcome = {"done": threading.Event()}
+
+    def done(restored, info, error):
+        outcome.update(error=error)
+        outcome["done"].set()
+    return Work(image=np.zeros((size, size, 3), np.uint8), image_id=0, options=Options(), done=done), outcome
+
+
+def _until(condition, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("warm_at_start", [True, False])
+def test_a_failed_compile_skips_that_batch_size(warm_at_start):
+    """Batch sizes 2 and 4 fail to compile (at start-up or while idle): logged, and the server goes on
+    restoring with batch 1."""
+    logs = []
+    batcher = Batcher(StandInPool(), max_batch=4, wait_s=0.01, idle_s=0.05, log=logs.append)
+    batcher.start(warm=[(Options(), (64, 64))] if warm_at_start else [])
+    try:
+        for n in (1, 3):  # the 3 after the idle compiles of batches 2 and 4 failed
+            works = [_work() for _ in range(n)]
+            batcher.submit([w for w, _ in works])
+            assert all(o["done"].wait(10) and o["error"] is None for _, o in works), logs
+            assert _until(lambda: batcher.snapshot()["pending_warm"] == 0 and not batcher.snapshot()["status"])
+        assert batcher.state == "ready" and batcher.snapshot()["programs"] == {"64x64 ddim 1 steps": [1]}
+        assert sum("batch 4 failed, so that batch size is not used" in line for line in logs) == 1, logs
+    finally:
+        batcher.stop()
+
+
+def test_a_stopped_worker_refuses_new_images():
+    """However the worker ends, what it held is answered and later uploads are refused (a 503)."""
+    batcher = Batcher(StandInPool(), max_batch=1, wait_s=0.01, log=lambda line: None)
+    batcher.start()
+    broken, outcome = _work()
+    broken.started = lambda call: 1 / 0  # a bug on the worker thread
+    batcher.submit([broken])
+    assert outcome["done"].wait(10) and "worker stopped" in outcome["error"]
+    with pytest.raises(QueueFull, match="restore worker has stopped"):
+        batcher.submit([_work()[0]])
+    batcher.stop()
+
+
+def test_finished_results_are_kept_while_other_jobs_wait():
+    """--keep-jobs / --keep-mb count finished jobs only; the job that finished last is always kept."""
+    store = jobs.JobStore(max_jobs=2, max_bytes=1000)
+
+    def job(nbytes):
+        entry = jobs.Entry("a.png", size=(8, 8))
+        entry.input_png = b"x" * nbytes
+        j = jobs.Job([entry], {})
+        store.add(j)
+        return j
+
+    def finish(j):
+        j.update(0, state=jobs.DONE, restored_png=b"y" * 100, sidecar={})
+        store.trim()  # as App does when a job finishes
+
+    waiting = [job(600) for _ in range(3)]  # over both limits, none finished
+    first, second = job(300), job(300)
+    finish(second)
+    assert store.get(second.id), "a result was dropped the moment it finished"
+    finish(first)
+    assert store.get(first.id) and store.get(second.id)
+    big = job(2000)
+    finish(big)  # alone over the budget: kept; the ones that finished before it are dropped
+    assert store.get(big.id) and not store.get(first.id) and not store.get(second.id)
+    assert all(store.get(j.id) for j in waiting)
+
+
+def test_queued_images_wait_as_integers_and_restore_as_before():
+    """An 8-bit upload waits as uint8, a 16-bit one as uint16 (an alpha one, composited on white, as
+    the decoder's float32); each restored output equals the restorer's for the decoded image."""
+    restorer = Restorer.from_export(str(DEMO_CHECKPOINT), Options(num_devices=1, steps=1))
+    app = service.App(restorer, service.AppConfig(batch_size=1), log=lambda line: None)
+    rgb = random_image(60, 58, seed=3)
+    gray16, alpha = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 65536, (60, 58), np.uint16)).save(gray16, format="PNG")
+    Image.fromarray(np.dstack([rgb, np.full((60, 58), 128, np.uint8)])).save(alpha, format="PNG")
+    files = [("rgb.png", png_bytes(rgb)), ("gray16.png", gray16.getvalue()), ("alpha.png", alpha.getvalue())]
+    status, reply = app.submit(*multipart(files))
+    assert status == 202
+    assert [w.image.dtype for w in app.batcher._pending] == [np.uint8, np.uint16, np.float32]
+    job = app.jobs.get(reply["job"])
+    app.start()
+    try:
+        assert _until(lambda: job.finished, timeout=300)
+    finally:
+        app.stop()
+    before = app.pool.get(app.defaults).restore_stream((n, decode_image(d, n), path_image_id(n)) for n, d in files)
+    for (name, restored, _), entry in zip(before, job.entries):
+        assert entry.state == jobs.DONE and entry.restored_png == encode_png(restored), name
