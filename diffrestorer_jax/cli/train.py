@@ -9,6 +9,7 @@ on every host; `jax.distributed` is initialised from the environment (see launch
 console shows progress, metrics, warnings and errors; library INFO logging goes to `--log_dir` if
 given, or to the console with `--verbosity=0`.
 """
+import logging
 import sys
 
 from absl import app, flags
@@ -20,7 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:ar
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, export")
 _FAST = flags.DEFINE_bool("fast_compile", False, "XLA backend optimisation level 0 (CPU tests)")
 _ALLOW = flags.DEFINE_bool("allow_config_changes", False, "resume even though the workdir's checkpoint "
-                           "was made with another model, data, seed, batch or frozen weights")
+                           "was made with another model, data, seed, batch or frozen weights (not "
+                           "another model's shapes: those cannot restore)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,17 +43,20 @@ def main(argv) -> int:
         return 2
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
+    from diffrestorer_jax.train.checkpoint import ShapeMismatch
     from diffrestorer_jax.train.resume_check import ResumeMismatch
-    from diffrestorer_jax.train.state import GivenWeightsMismatch
+    from diffrestorer_jax.train.state import GivenWeightsError
     from diffrestorer_jax.train.workdir_lock import WorkdirLocked
     try:
         status = loop.train(_CONFIG.value, _WORKDIR.value, guard=guard,
                             compiler_options=run.FAST_COMPILE if _FAST.value else None,
                             allow_config_changes=_ALLOW.value)
-    except (FloatingPointError, DataConfigError, FileNotFoundError, ResumeMismatch, WorkdirLocked,
-            GivenWeightsMismatch) as e:
-        # the non-finite streak, data that is not there, a workdir of another run or in use, an
-        # init_from export of another model config: a message, not a traceback
+    except (FloatingPointError, DataConfigError, ResumeMismatch, ShapeMismatch, WorkdirLocked,
+            GivenWeightsError, OSError) as e:
+        # the non-finite streak, data that is not there, a workdir of another run or in use, given
+        # weights that are missing, damaged or of another model config, a workdir that cannot be
+        # written: a message, not a traceback (which goes to the INFO log)
+        logging.info("training stopped", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

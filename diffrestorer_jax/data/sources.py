@@ -103,16 +103,19 @@ def load_training_images(config) -> np.ndarray:
         from diffrestorer_jax.data import demo_photos  # never the held-out coffee / rocket
         return demo_photos.train_photos(load)
     if kind == "hq_folder":
-        from diffrestorer_jax.data.image_io import ImageReadError, decode_image, square
+        from diffrestorer_jax.data.image_io import ImageReadError, decode_image, read_image, square
         folder = paths.path(config.data.hq_dir) if config.data.hq_dir else None  # local or gs://...
         files = sorted((f for f in folder.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS)),
                        key=lambda f: f.name) if folder is not None and folder.is_dir() else []
         images = []
         for f in files:
-            try:
-                images.append(square(decode_image(f.read_bytes(), str(f)), load))
+            try:  # a local file through read_image: a broken link, a folder or a FIFO is named, not opened
+                image = decode_image(f.read_bytes(), str(f)) if paths.is_url(f) else read_image(f)
+                images.append(square(image, load))
             except ImageReadError as e:
                 logging.warning("skipping unreadable training image %s: %s", e.path, e.reason)
+            except OSError as e:  # an object of a bucket gone or unreadable
+                logging.warning("skipping unreadable training image %s: %s", f, e)
         if len(images) < len(files):
             print(f"{len(files) - len(images)} of {len(files)} images in {folder} could not be read and "
                   "are skipped (named in the warnings above)", flush=True)

@@ -110,11 +110,35 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
                                     f"{self.directory} (steps there: {self.all_steps()})")
         target = jax.tree.map(_as_target, target_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore(),
-            data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore(),
+                data=ocp.args.JsonRestore()))
+        except ValueError as e:  # orbax's words for a state of other shapes: say which, and what to do
+            changes = self._shape_changes(step, target)
+            if not changes:
+                raise
+            raise ShapeMismatch(
+                f"{self.directory}: the checkpoint at step {step} holds a train state of other shapes "
+                f"than this config's ({len(changes)} arrays differ: {'; '.join(changes[:5])}"
+                f"{'; ...' if len(changes) > 5 else ''}). A change of the model's shapes cannot resume, "
+                "even with --allow_config_changes: use another --workdir (weights.init_from=<an export> "
+                "with weights.init_trained=True starts from that export's trained networks)") from e
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored["state"], restored["config"], _data_from_json(restored["data"])
+
+    def _shape_changes(self, step: int, target) -> list:
+        """'name: saved (a, b), now (c, d)' for each array whose shape the saved state and `target`
+        do not share (from the saved metadata; [] if that cannot be read)."""
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                saved = reader.metadata(self.directory / str(step) / "state").item_metadata.tree
+        except Exception:  # noqa: BLE001  no readable metadata: orbax's own error stands
+            return []
+        saved_shapes, wanted_shapes = _shapes_by_name(saved), _shapes_by_name(target)
+        return [f"{name}: saved {saved_shapes.get(name, 'nothing')}, now {wanted_shapes.get(name, 'nothing')}"
+                for name in sorted(saved_shapes.keys() | wanted_shapes.keys())
+                if saved_shapes.get(name) != wanted_shapes.get(name)]
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -130,6 +154,18 @@ class Checkpointer:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class ShapeMismatch(ValueError):
+    """The checkpoint's train state has other shapes than the one asked for (another model)."""
+
+
+def _shapes_by_name(tree) -> dict:
+    """{'ema.unet.conv_in.kernel': shape} of a state tree (dataclass fields and dict keys alike)."""
+    def name(path):
+        return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(leaf, "shape")}
 
 
 def _as_target(x):

@@ -72,6 +72,8 @@ def _train(config, workdir, devices, compiler_options, max_steps, guard: Preempt
            run: Optional[Run], allow_config_changes: bool) -> str:
     run = Run(config, devices, compiler_options) if run is None else run
     workdir = paths.path(workdir)  # gs://... stays a URL (os.path would make it local)
+    if workdir.exists() and not workdir.is_dir():  # before the data and weights load
+        raise NotADirectoryError(f"--workdir {workdir}: exists and is not a folder")
     tcfg = config.train
     # Data first: a data mistake stops the run before anything is written.
     data = sources.make_data(config, run.batch_layout)

@@ -29,11 +29,15 @@ def load_given(config, nets: dr.Networks) -> Dict[str, Any]:
     given: Dict[str, Any] = {}
     w = config.weights
     if w.init_trained and not w.init_from:
-        raise ValueError("weights.init_trained=True needs weights.init_from: the export whose trained "
-                         "networks the run fine-tunes")
+        raise st.GivenWeightsError("weights.init_trained=True needs weights.init_from: the export whose "
+                                   "trained networks the run fine-tunes")
     if w.init_from:
         from diffrestorer_jax.export import load_export
-        _, _, params = load_export(w.init_from)
+        try:
+            _, _, params = load_export(w.init_from)
+        except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types for a damaged export
+            raise st.GivenWeightsError(f"weights.init_from={w.init_from}: cannot load the export "
+                                       f"({type(e).__name__}: {str(e).split(' See full TensorStore')[0][:200]})") from e
         given.update({n: params[n] for n in frozen})
         if w.init_trained:
             given.update({n: params[n] for n in st.trainable_names(config.stage)})
@@ -44,7 +48,10 @@ def load_given(config, nets: dr.Networks) -> Dict[str, Any]:
         for name in ("unet", "vae", "clip"):
             path = w[name]
             if path and name in frozen:
-                given[name] = loaders[name](path)[1]
+                try:
+                    given[name] = loaders[name](path)[1]
+                except convert.CheckpointError as e:  # names the file and what is wrong with it
+                    raise st.GivenWeightsError(f"weights.{name}: {e}") from e
             elif path:
                 logging.warning("weights.%s ignored: stage %s trains the %s", name, config.stage, name)
     return given

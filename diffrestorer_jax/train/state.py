@@ -64,9 +64,15 @@ def frozen_names(stage: str) -> Tuple[str, ...]:
     return tuple(n for n in dr.NETWORKS if n not in trainable_names(stage))
 
 
-class GivenWeightsMismatch(ValueError):
+class GivenWeightsError(ValueError):
+    """Given weights (weights.init_from's export, weights.unet / vae / clip) cannot be used: not there,
+    damaged, not weights, or asked for without what they need. The training command reports it
+    without a traceback."""
+
+
+class GivenWeightsMismatch(GivenWeightsError):
     """Given weights (weights.init_from's export, a converted checkpoint) are not this config's network:
-    another model config made them. The training command reports it without a traceback."""
+    another model config made them."""
 
 
 _HINT = ("; given weights must be of this config's architecture: an export (weights.init_from) made with "

@@ -9,7 +9,7 @@ import pytest
 
 from configs import tiny
 from diffrestorer_jax.train import loop
-from diffrestorer_jax.train.checkpoint import Checkpointer
+from diffrestorer_jax.train.checkpoint import Checkpointer, ShapeMismatch
 from diffrestorer_jax.train.resume_check import ResumeMismatch
 from diffrestorer_jax.train.run import Run
 from diffrestorer_jax.train.workdir_lock import WorkdirLock, WorkdirLocked
@@ -52,3 +52,17 @@ def test_resuming_another_runs_checkpoint_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "run.lock")  # released on the way out
     with Checkpointer(str(tmp_path / "checkpoints")) as ckpt:
         assert ckpt.all_steps() == [1]  # nothing was written
+
+
+def test_other_shapes_cannot_resume_even_when_changes_are_allowed(tmp_path):
+    """--allow_config_changes lets a changed model resume, but not one of other shapes: its state
+    cannot restore, and the error names the arrays and what to do instead (not orbax's words)."""
+    checkpoint_of(small(), str(tmp_path))
+    other_model = small()
+    other_model.model.prompt = dict(other_model.model.prompt, hidden_dim=32)
+    with pytest.raises(ShapeMismatch, match=r"(?s)arrays differ: .*prompt.*saved \(64,\), now \(32,\)"
+                                            r".*cannot resume, even with --allow_config_changes"):
+        loop.train(other_model, str(tmp_path), devices=jax.devices()[:1], allow_config_changes=True)
+    assert not os.path.exists(tmp_path / "run.lock")
+    with Checkpointer(str(tmp_path / "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [1]
