@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     if bool(args.lpips_vgg) != bool(args.lpips_lin):
         print("error: LPIPS needs both --lpips-vgg and --lpips-lin", file=sys.stderr)
         return 2
+    for flag, value, least in (("--crop-border", args.crop_border, 0), ("--max-per-type", args.max_per_type, 1)):
+        if value is not None and value < least:
+            print(f"error: {flag} must be {least} or more, got {value}", file=sys.stderr)
+            return 2
     try:
         restore_options.enable_compile_cache(args)
         overrides = restore_options.parse_overrides(rest)

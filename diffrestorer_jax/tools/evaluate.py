@@ -20,6 +20,7 @@ Conventions (also written into metrics.json under "protocol"):
     degradation weighs the same, as multi-degradation tables do); "all images": the plain mean.
   * "input" rows measure the degraded LQ against the GT, the baseline a restorer must beat.
 """
+import collections
 import datetime
 import json
 import os
@@ -151,6 +152,10 @@ def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[A
     if lpips is not None:
         module, lp_params = lpips
         lpips_fn = jax.jit(lambda a, b: lpips_unit_range(module, lp_params, a, b))
+    twice = sorted(n for n, c in collections.Counter(name for name, _, _ in entries).items() if c > 1)
+    if twice:  # the report, the saved images and the image ids go by name
+        raise EvaluateError(f"{len(twice)} name(s) occur more than once in the data (e.g. {twice[0]!r}; a "
+                            "paired set built from several --src roots by an older version): rebuild it")
     failed, gts, lqs = [], {}, {}
     bar = tqdm(total=len(entries), unit="img", desc="evaluating", disable=not progress, file=sys.stderr)
 
@@ -171,8 +176,13 @@ def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[A
             yield (name, type_name), lq, path_image_id(name)
 
     per_image, fid = [], (FidByType(fid_features) if fid_features is not None else None)
-    for (name, type_name), restored, info in restorer.restore_stream(items()):
+    for (name, type_name), restored, info in restorer.restore_stream(items(), on_error="yield"):
         gt, lq = gts.pop(name), lqs.pop(name)
+        if restored is None:  # its batch failed (out of device memory, ...): named, the others go on
+            failed.append((name, info["error"]))
+            bar.write(f"error: {name}: {info['error']}", file=sys.stderr)
+            bar.update(1)
+            continue
         m = pair_metrics(restored, gt, crop_border)
         inp = pair_metrics(lq, gt, crop_border)
         if lpips_fn is not None:

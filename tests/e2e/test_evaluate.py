@@ -1,6 +1,7 @@
 """diffrestorer-evaluate on a tiny paired folder (DA-CLIP layout): metrics.json/md written, PSNR and
 SSIM equal scikit-image's on the same restored/GT pairs, per type and averaged."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -78,6 +79,10 @@ def test_evaluate_errors_are_messages(tmp_path, capsys):
     assert "no LQ/GT pairs" in capsys.readouterr().err
     with pytest.raises(ev.EvaluateError):
         ev.load_pairs(str(tmp_path / "empty"))
+    for flag, value in (("--crop-border", "-1"), ("--max-per-type", "0")):
+        assert evaluate_cli.main(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "empty"),
+                                  "--out", str(tmp_path / "o"), flag, value]) == 2
+        assert f"{flag} must be" in capsys.readouterr().err
     for flags in (["--data", "gs://b/test", "--out", str(tmp_path / "o")],
                   ["--data", str(tmp_path / "empty"), "--out", "gs://b/o"]):
         assert evaluate_cli.main(["--checkpoint", str(tmp_path)] + flags) == 2
@@ -139,3 +144,40 @@ def test_fid_per_type_from_inception_weights(ckpt, paired, tmp_path, capsys, mon
     assert result["all_images"] == pytest.approx(fid.fid_from_features(*every), rel=1e-6)
     assert metrics["protocol"]["metric_conventions"]["fid"].endswith(weights)
     assert "FID (restored vs GT): low_light" in (out / "metrics.md").read_text()
+
+
+def test_a_failed_batch_is_named_and_the_rest_is_reported(ckpt, paired, tmp_path, capsys, monkeypatch):
+    """A batch that fails (out of device memory on the largest size, say) costs its own pairs only:
+    they are named, metrics.json reports the others, and the exit status is 1."""
+    from diffrestorer_jax.infer.restorer import Restorer
+    data = tmp_path / "data"
+    shutil.copytree(paired, data)
+    big = np.asarray(Image.fromarray(np.zeros((8, 8, 3), np.uint8)).resize((48, 48)))
+    for sub in ("LQ", "GT"):
+        Image.fromarray(big).save(data / "noisy" / sub / "big.png")
+    real = Restorer.restore_batch
+
+    def out_of_memory_when_large(self, batch, ids):
+        if batch.shape[1] > 40:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate (a stand-in)")
+        return real(self, batch, ids)
+
+    monkeypatch.setattr(Restorer, "restore_batch", out_of_memory_when_large)
+    out = tmp_path / "eval"
+    rc = evaluate_cli.main(["--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--steps", "2",
+                            "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "noisy/LQ/big.png" in err and "RESOURCE_EXHAUSTED" in err, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["per_image"]) == 4 and "big.png" not in str(metrics["per_image"])
+    assert [f["file"] for f in metrics["failed"]] == ["noisy/LQ/big.png"]
+
+
+def test_names_twice_in_the_data_are_refused_before_restoring(tmp_path):
+    """Pairs of one name (a paired set built from several roots by an older version) would share
+    their report row, saved image and image id: refused, naming one, before any work."""
+    def load():
+        raise AssertionError("nothing is read")
+    entries = [("noisy/LQ/0.png", "noise", load), ("noisy/LQ/0.png", "noise", load)]
+    with pytest.raises(ev.EvaluateError, match=r"occur more than once.*'noisy/LQ/0.png'.*rebuild it"):
+        ev.evaluate(None, entries)
