@@ -1,12 +1,14 @@
 """diffrestorer-build-dataset: build a TFDS dataset without TensorFlow.
 
   diffrestorer-build-dataset --kind hq_folder --src DIR [DIR ...] --out DATA_DIR [--split train]
-  diffrestorer-build-dataset --kind paired    --src ROOT          --out DATA_DIR --split test
+  diffrestorer-build-dataset --kind paired    --src ROOT [ROOT ...] --out DATA_DIR --split test
 
-hq_folder: clean images (any folders, recursive). paired: the DA-CLIP layout ROOT/<type>/LQ/*,
-ROOT/<type>/GT/*. Skipped inputs are listed in DATA_DIR/<kind>_<split>_report.txt. Splits are built
-one command each and live side by side in DATA_DIR; a split that is already there is refused (exit 2)
-unless --overwrite is given, which rebuilds that split only.
+hq_folder: clean images (any folders, recursive, links to folders followed). paired: the DA-CLIP
+layout ROOT/<type>/LQ/*, ROOT/<type>/GT/*; from several roots, records are named
+<type>/LQ/<root folder name>/<file>. Skipped inputs are listed in DATA_DIR/<kind>_<split>_report.txt.
+Splits are built one command each and live side by side in DATA_DIR; a split that is already there
+is refused (exit 2) unless --overwrite is given, which rebuilds that split only. What a killed build
+left (DATA_DIR/.building-*) is removed by the next one.
 """
 import argparse
 import sys

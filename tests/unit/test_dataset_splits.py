@@ -1,5 +1,10 @@
-"""Building into an existing --out: splits side by side, no silent reuse, ambiguous inputs reported."""
+"""Building into an existing --out: splits side by side, no silent reuse, ambiguous inputs reported,
+equal names from several roots kept apart, a killed build's leftovers cleared."""
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +13,7 @@ from PIL import Image
 from diffrestorer_jax.cli.build_dataset import main as build_dataset_main
 from diffrestorer_jax.data.tfds.build import build_dataset, load_source
 from diffrestorer_jax.data.tfds.store import DatasetExistsError
+from diffrestorer_jax.tools.evaluate import pair_name
 
 
 def _save(path, seed):
@@ -95,3 +101,37 @@ def test_overlapping_sources_give_each_file_once_and_nothing_usable_is_an_error(
     err = capsys.readouterr().err
     assert "no usable hq_folder inputs" in err and "hq_folder_x_report.failed.txt" in err
     assert "Traceback" not in err
+
+
+def test_paired_roots_holding_equal_file_names_stay_apart(tmp_path):
+    roots = [_paired(tmp_path / "x" / "setA", ["0"]), _paired(tmp_path / "setB", ["0"]),
+             _paired(tmp_path / "y" / "setA", ["0"])]
+    out = str(tmp_path / "data")
+    assert build_dataset("paired", roots, out, "test")[0] == 3
+    source = load_source(out, "paired", "test")
+    names = sorted(source[i]["file_name"].decode() for i in range(len(source)))
+    assert names == ["noisy/LQ/setA-1/0.png", "noisy/LQ/setA-2/0.png", "noisy/LQ/setB/0.png"]
+    assert len({pair_name(n) for n in names}) == 3  # what evaluation names (and saves) each pair by
+    assert build_dataset("paired", roots[1:2], out, "train")[0] == 1  # one root: its paths, as before
+    lq_path = os.path.join(roots[1], "noisy", "LQ", "0.png")
+    assert load_source(out, "paired", "train")[0]["file_name"].decode() == lq_path
+
+
+def test_a_killed_build_leaves_nothing_that_the_next_build_keeps(tmp_path, capsys):
+    _save(str(tmp_path / "hq" / "x.png"), 0)
+    src, out = str(tmp_path / "hq"), str(tmp_path / "data")
+    kill_at_first_image = ("import os, signal; from diffrestorer_jax.data.tfds import build, hq_folder; "
+                           "hq_folder.read_image = lambda p: os.kill(os.getpid(), signal.SIGKILL); "
+                           f"build.build_dataset('hq_folder', [{src!r}], {out!r})")
+    assert subprocess.run([sys.executable, "-c", kill_at_first_image]).returncode == -signal.SIGKILL
+    assert [f for f in os.listdir(out) if f.startswith(".building")]  # the killed build's partial copy
+    for name, owner in (("live", f"{socket.gethostname()} {os.getpid()}"), ("remote", "elsewhere 1")):
+        os.makedirs(os.path.join(out, f".building-hq_folder-train-{name}"))
+        with open(os.path.join(out, f".building-hq_folder-train-{name}", ".owner"), "w") as f:
+            f.write(owner)
+    capsys.readouterr()
+    assert build_dataset("hq_folder", [src], out)[0] == 1
+    assert sorted(f for f in os.listdir(out) if f.startswith(".building")) == [
+        ".building-hq_folder-train-live", ".building-hq_folder-train-remote"]  # may still run: kept
+    err = capsys.readouterr().err
+    assert "removed" in err and "a build on host elsewhere" in err and "-live" not in err

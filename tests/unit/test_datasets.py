@@ -82,3 +82,29 @@ def test_bad_arguments_are_explained(tmp_path):
         build_dataset("hq_folder", [str(tmp_path / "nope")], str(tmp_path / "d"))
     with pytest.raises(ValueError, match="unknown dataset kind"):
         build_dataset("folder", [str(tmp_path)], str(tmp_path / "d"))
+
+
+def test_file_names_that_are_not_utf8_are_built_and_reported_escaped(tmp_path):
+    src = tmp_path / "src"
+    _save(str(src / "ok.png"), _img(0))
+    _save(os.fsdecode(os.fsencode(str(src)) + b"/caf\xe9.png"), _img(1))  # a Latin-1 name
+    (src / os.fsdecode(b"r\xe9sum\xe9.txt")).write_text("not a picture")
+    out = str(tmp_path / "data")
+    count, report = build_dataset("hq_folder", [str(src)], out)
+    assert count == 2
+    assert [os.path.basename(p) for p, _ in _read_report(report)] == ["r\\xe9sum\\xe9.txt"]
+    source = load_source(out, "hq_folder")
+    names = sorted(os.path.basename(source[i]["file_name"].decode()) for i in range(len(source)))
+    assert names == ["caf\\xe9.png", "ok.png"]
+
+
+def test_linked_folders_are_followed_once_each(tmp_path):
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere" / "flickr"
+    _save(str(src / "div2k" / "0.png"), _img(0))
+    for i in range(2):
+        _save(str(elsewhere / f"{i}.png"), _img(i + 1))
+    (src / "flickr").symlink_to(elsewhere)
+    (src / "flickr_again").symlink_to(elsewhere)  # one real folder through two links: read once
+    (elsewhere / "loop").symlink_to(src)          # a loop ends
+    count, report = build_dataset("hq_folder", [str(src)], str(tmp_path / "data"))
+    assert count == 3 and _read_report(report) == []

@@ -3,12 +3,14 @@
 The dataset lands in `<out>/<kind>/1.0.0/` (array_record shards + TFDS metadata) and the list of
 skipped inputs in `<out>/<kind>_<split>_report.txt`. Several splits (train, test, ...) live side by
 side in one `<out>`, each built by its own call; building a split that is already there is refused
-unless `overwrite=True`, which rebuilds that split and keeps the others (see store.py). Read it back
+unless `overwrite=True`, which rebuilds that split and keeps the others (see store.py). A killed
+build's temporary `<out>/.building-*` folder is removed by the next build into `<out>`. Read it back
 with `load_source(out, kind, split)` (= `tfds.data_source`), a random-access source the grain
 pipeline consumes directly.
 """
 import os
 import re
+import sys
 import tempfile
 from typing import Sequence, Tuple
 
@@ -41,8 +43,11 @@ def build_dataset(kind: str, src_dirs: Sequence[str], out_dir: str, split: str =
     version_dir = os.path.join(out_dir, kind, version)
     store.check_can_build(version_dir, split, overwrite)
     os.makedirs(out_dir, exist_ok=True)
+    for note in store.clear_stale_builds(out_dir):
+        print(note, file=sys.stderr)
     # A fresh folder on the same file system, so the built split is moved in by renames.
-    with tempfile.TemporaryDirectory(prefix=f".building-{kind}-{split}-", dir=out_dir) as work:
+    with tempfile.TemporaryDirectory(prefix=f"{store.BUILDING}{kind}-{split}-", dir=out_dir) as work:
+        store.claim(work)
         builder = BUILDERS[kind](src_dirs=src_dirs, split=split, data_dir=os.path.join(work, "data"),
                                  file_format="array_record")
         try:

@@ -33,11 +33,39 @@ def png_feature() -> tfds.features.Tensor:
 
 
 def list_files(folder: str) -> List[str]:
-    """All files under folder, recursively, sorted (so builds are reproducible)."""
-    out = []
-    for root, _, files in os.walk(folder):
+    """All files under folder, recursively and through links to folders (each real folder once, so a
+    link loop ends), sorted (so builds are reproducible)."""
+    out, visited = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            dirs.clear()
+            continue
+        visited.add(real)
+        dirs.sort()  # which of two links to one folder is walked must not depend on the disk's order
         out += [os.path.join(root, f) for f in files if not f.startswith(".")]
     return sorted(out)
+
+
+def text(s: str) -> str:
+    """A path (or text holding paths) as storable UTF-8: bytes of a file name that are not UTF-8
+    (a Latin-1 'caf\\xe9.png') become backslash escapes ('\\xe9')."""
+    return os.fsencode(s).decode("utf-8", "backslashreplace")
+
+
+def root_labels(roots: Sequence[str]) -> List[str]:
+    """A short unique name per source root: its folder name, numbered (`data-1`, `data-2`, in the
+    given order) where several roots share one."""
+    names = [os.path.basename(os.path.abspath(r)) or "root" for r in roots]
+    labels, taken = [], set(names)
+    for name in names:
+        label, n = name, 0
+        while names.count(name) > 1 and label in taken:
+            n += 1
+            label = f"{name}-{n}"
+        taken.add(label)
+        labels.append(label)
+    return labels
 
 
 class SeenFiles:
@@ -62,8 +90,8 @@ def write_report(path: str, title: str, problems: Sequence[Problem]) -> str:
     """A plain-text list of every skipped input and why; written even when empty, so 'no problems'
     is a fact one can read rather than an absence."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"# {title}: {len(problems)} input(s) skipped\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text(f"# {title}: {len(problems)} input(s) skipped") + "\n")
         for p, reason in problems:
-            f.write(f"{p}\t{reason}\n")
+            f.write(text(f"{p}\t{reason}") + "\n")
     return path

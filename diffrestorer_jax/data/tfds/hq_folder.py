@@ -1,10 +1,11 @@
 """`hq_folder`: clean images from one or more folders -> a TFDS dataset (array_record, no TF).
 
-Records: {'image': PNG bytes, 'file_name': source path, 'height', 'width'}. Files that are not
-images by name, or that `read_image` refuses (corrupt, truncated, bombs, ...), and files reached
-twice through overlapping source folders, are skipped and collected in `builder.problems`;
+Records: {'image': PNG bytes, 'file_name': source path (`common.text`), 'height', 'width'}. Files
+that are not images by name, or that `read_image` refuses (corrupt, truncated, bombs, ...), and files
+reached twice through overlapping source folders, are skipped and collected in `builder.problems`;
 `build.build_dataset` writes them to a report file.
 """
+import os
 from typing import List, Sequence
 
 import numpy as np
@@ -56,5 +57,5 @@ class HqFolder(tfds.core.GeneratorBasedBuilder):
                     self.problems.append((path, e.reason))
                     continue
                 self.num_records += 1
-                yield path, {"image": encode_png(image), "file_name": path,
+                yield os.fsencode(path), {"image": encode_png(image), "file_name": common.text(path),
                              "height": image.shape[0], "width": image.shape[1]}

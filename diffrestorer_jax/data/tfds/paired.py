@@ -6,7 +6,7 @@ skipped (in `builder.problems`): type folders we do not model (e.g. 'shadowed'),
 LQ/ and GT/, an LQ without a GT or the reverse, several LQ (or GT) files with one name (`a.png` and
 `a.jpg`: which one is meant cannot be told, so that name is skipped), unreadable images, pairs
 whose sizes differ, and pairs reached twice through overlapping source folders.
-Records: {'lq', 'hq': PNG bytes, 'type_id', 'type_name', 'file_name', 'height', 'width'}.
+Records: {'lq', 'hq': PNG bytes, 'type_id', 'type_name', 'file_name' (see `_file_name`), 'height', 'width'}.
 """
 import os
 from typing import Dict, List, Optional, Sequence
@@ -103,8 +103,16 @@ class Paired(tfds.core.GeneratorBasedBuilder):
             return None
         return lq, hq
 
+    def _file_name(self, label: str, type_dir: str, lq_path: str) -> str:
+        """The LQ path; from several roots '<type folder>/LQ/<root label>/<path within LQ>' (evaluation
+        names a pair '<type folder>/LQ/...', so equal file names under two roots stay apart)."""
+        if len(self._src_dirs) == 1:
+            return common.text(lq_path)
+        within = os.path.relpath(lq_path, os.path.join(type_dir, "LQ")).replace(os.sep, "/")
+        return common.text(f"{os.path.basename(type_dir)}/LQ/{label}/{within}")
+
     def _generate_examples(self):
-        for root in self._src_dirs:
+        for root, label in zip(self._src_dirs, common.root_labels(self._src_dirs)):
             for entry in sorted(os.listdir(root)):
                 type_dir = os.path.join(root, entry)
                 if not os.path.isdir(type_dir):
@@ -121,7 +129,8 @@ class Paired(tfds.core.GeneratorBasedBuilder):
                     pair = self._read_pair(lq_path, gt_path)
                     if pair is not None:
                         self.num_records += 1
-                        yield lq_path, {"lq": encode_png(pair[0]), "hq": encode_png(pair[1]),
-                                        "type_id": DEGRADATION_TYPES.index(name), "type_name": name,
-                                        "file_name": lq_path, "height": pair[1].shape[0],
-                                        "width": pair[1].shape[1]}
+                        yield os.fsencode(lq_path), {
+                            "lq": encode_png(pair[0]), "hq": encode_png(pair[1]),
+                            "type_id": DEGRADATION_TYPES.index(name), "type_name": name,
+                            "file_name": self._file_name(label, type_dir, lq_path),
+                            "height": pair[1].shape[0], "width": pair[1].shape[1]}

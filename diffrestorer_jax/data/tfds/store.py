@@ -13,9 +13,14 @@ import json
 import os
 import re
 import shutil
+import socket
 from typing import Dict, List, Optional
 
+from diffrestorer_jax.atomic import process_alive
+
 INFO_FILE = "dataset_info.json"
+BUILDING = ".building-"  # prefix of a build's temporary folder in <out>
+OWNER = ".owner"         # in that folder: "<host> <pid>" of the build writing it
 
 
 class DatasetExistsError(ValueError):
@@ -100,3 +105,38 @@ def install_split(built_version_dir: str, version_dir: str, kind: str, split: st
     os.replace(tmp, os.path.join(version_dir, INFO_FILE))
     for name in set(old_shards) - set(new_shards):
         os.remove(os.path.join(version_dir, name))
+
+
+def claim(work_dir: str) -> None:
+    """Mark a build's temporary folder as this process's (see `clear_stale_builds`)."""
+    with open(os.path.join(work_dir, OWNER), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
+
+
+def clear_stale_builds(out_dir: str) -> List[str]:
+    """Remove the `.building-*` folders in `out_dir` of builds of this host that were killed; one line
+    per folder removed, or left because its build may still run (another host's, or unmarked)."""
+    notes = []
+    for name in sorted(os.listdir(out_dir)):
+        folder = os.path.join(out_dir, name)
+        if not (name.startswith(BUILDING) and os.path.isdir(folder)):
+            continue
+        try:
+            with open(os.path.join(folder, OWNER)) as f:
+                host, _, pid = f.read().partition(" ")
+        except OSError:
+            host, pid = "", ""
+        if host == socket.gethostname() and pid.strip().isdigit():
+            if not process_alive(int(pid)):
+                try:
+                    shutil.rmtree(folder)
+                    notes.append(f"removed {folder}, left by a build that was stopped (process {pid.strip()})")
+                except OSError as e:
+                    notes.append(f"could not remove {folder}, left by a stopped build: {e}")
+        elif host:
+            notes.append(f"left {folder} in place: a build on host {host} wrote it; remove it if that "
+                         "build no longer runs")
+        else:
+            notes.append(f"left {folder} in place: no build owner recorded in it (an older version's, "
+                         "or just starting); remove it if no build into this folder runs")
+    return notes
