@@ -11,6 +11,7 @@ config over `config_base.base_config()`, so readers find every field, with today
 older export lacks one.
 """
 import json
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -136,6 +137,19 @@ def compare_exports(a: str, b: str) -> Dict[str, float]:
     return diffs
 
 
+def _check_out(out: str, inputs) -> None:
+    """Refuse an `out` that is one of the inputs or an existing folder that is not an export (it
+    would be replaced, with whatever the user keeps in it)."""
+    def same(p, q):
+        return (os.path.realpath(p) == os.path.realpath(q)) if not (paths.is_url(p) or paths.is_url(q)) \
+            else str(paths.path(p)) == str(paths.path(q))
+    if any(same(out, p) for p in inputs):
+        raise ValueError(f"--out {out} is one of the exports averaged: write the average elsewhere")
+    folder = paths.path(out)
+    if folder.exists() and not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"--out {out} exists and is not an export ({CONFIG_FILE} missing): not replaced")
+
+
 def _average_leaf(x, y, weight: float, name: str):
     """(1 - weight) * x + weight * y in float32; non-float leaves must be equal."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -154,6 +168,7 @@ def average_exports(a: str, b: str, weight: float, out: str) -> list:
     section differs; equal sections give equally shaped networks, which load_export enforces)."""
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"average_exports: weight must be in [0, 1], got {weight}")
+    _check_out(out, (a, b))
     config, _, params_a = load_export(a)
     config_b, _, params_b = load_export(b)
     how_it_runs = ("dtype", "attention_impl", "remat_policy")  # not what the networks compute
@@ -163,6 +178,11 @@ def average_exports(a: str, b: str, weight: float, out: str) -> list:
         keys = sorted(k for k in set(model_a) | set(model_b) if model_a.get(k) != model_b.get(k))
         raise ValueError(f"{a} and {b} are exports of other models (config model.{', model.'.join(keys)} "
                          "differ): nothing to average")
+    diffusion_a, diffusion_b = config.diffusion.to_dict(), config_b.diffusion.to_dict()
+    if diffusion_a != diffusion_b:  # e.g. epsilon against v prediction: UNets that mean other things
+        keys = sorted(k for k in set(diffusion_a) | set(diffusion_b) if diffusion_a.get(k) != diffusion_b.get(k))
+        raise ValueError(f"{a} and {b} were trained for other diffusion processes (config "
+                         f"diffusion.{', diffusion.'.join(keys)} differ): nothing to average")
     averaged, params = [], {}
     for name in dr.NETWORKS:
         same = all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(params_a[name]),

@@ -4,6 +4,8 @@
         --weight 0.5 --out workdir_demo/soup
 
 Writes (1 - weight) * A + weight * B with A's config; networks equal in both are copied unchanged.
+Refused (exit 1, nothing written): exports of other models or diffusion processes, and an --out that
+is A or B or an existing folder that is not an export; an export at --out is replaced atomically.
 The demo recipe averages its decoder with the same decoder fine-tuned on whole photos (demo/README.md).
 """
 import argparse

@@ -67,6 +67,21 @@ def test_average_exports(tmp_path, capsys):
     assert average_cli.main([CHECKPOINT, third, "--out", str(tmp_path / "z")]) == 1
     assert "other models (config model.decoder differ)" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+    config = load_config(other)
+    config.diffusion.prediction_type = "v_prediction"  # UNets that mean something else
+    fourth = save_export(str(tmp_path / "fourth"), params, config)
+    assert average_cli.main([other, fourth, "--out", str(tmp_path / "v")]) == 1
+    assert "other diffusion processes (config diffusion.prediction_type differ)" in capsys.readouterr().err
+    mine = tmp_path / "my results"  # a folder of the user's, not an export: never replaced
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    assert average_cli.main([CHECKPOINT, other, "--out", str(mine)]) == 1
+    assert "exists and is not an export (config.json missing): not replaced" in capsys.readouterr().err
+    assert average_cli.main([CHECKPOINT, other, "--out", other]) == 1
+    assert "is one of the exports averaged" in capsys.readouterr().err
+    assert os.listdir(mine) == ["thesis.tex"] and compare_exports(other, out)["decoder"] > 0
+    assert not (tmp_path / "v").exists()
+    assert average_cli.main([CHECKPOINT, other, "--weight", "0.25", "--out", out]) == 0  # an export: replaced
 
 
 def test_exports_of_other_shapes_are_refused(tmp_path, capsys):
