@@ -13,9 +13,13 @@ prompts, the sampler's lax.scan over `--restore_steps` denoising steps, decoder;
 `--restore_weights`, `--restore_exact` as the CLI's --dtype, --weights, --exact). The printout gives
 per chip: argument / output / temp /
 total bytes against the chip's HBM, XLA's FLOPs beside our model FLOP count, the step time implied at
-a few MFUs, and the compile time. Exit status 1 if it does not fit.
+a few MFUs, and the compile time. Exit status 1 if it does not fit; 2, with a one-line message, for
+input it cannot compile (an unknown topology, a batch the chips cannot split), so a sweep can tell
+"does not fit" from a mistake.
 """
+import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -58,9 +62,13 @@ def main(argv) -> int:
         config.stage = _WHAT.value
     if _BATCH.value:
         config.train.batch_size = _BATCH.value
-    gpu = topology.is_gpu(_TOPOLOGY.value)
-    gen = topology.accelerator(_TOPOLOGY.value)
-    devices = topology.topology_devices(_TOPOLOGY.value, _SLICES.value)
+    try:
+        gpu = topology.is_gpu(_TOPOLOGY.value)
+        gen = topology.accelerator(_TOPOLOGY.value)
+        devices = topology.topology_devices(_TOPOLOGY.value, _SLICES.value)
+    except (ValueError, RuntimeError) as e:  # an unknown name, a missing libtpu or CUDA plugin
+        print(f"error: --topology {_TOPOLOGY.value}: {e}", file=sys.stderr)
+        return 2
     where = "" if gpu else f", topology {topology.tpu_spec(_TOPOLOGY.value).topology_name}"
     print(f"{_TOPOLOGY.value} x {_SLICES.value} slice(s): {len(devices)} devices "
           f"({devices[0].device_kind}){where}", flush=True)
@@ -72,14 +80,20 @@ def main(argv) -> int:
     if _EFFORT.value is not None:
         opts["exec_time_optimization_effort"] = _EFFORT.value
     opts, backend = opts or None, "gpu" if gpu else "tpu"
-    if _WHAT.value == "restore":
-        batch = _BATCH.value or int(config.train.batch_size)
-        report = aot.compile_restore(config, devices, batch, _STEPS.value, dtype=_RESTORE_DTYPE.value,
-                                     weights=_RESTORE_WEIGHTS.value, exact=_RESTORE_EXACT.value,
-                                     compiler_options=opts, backend=backend)
-    else:
-        report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts,
-                                        backend=backend)
+    try:
+        if _WHAT.value == "restore":
+            batch = _BATCH.value or int(config.train.batch_size)
+            report = aot.compile_restore(config, devices, batch, _STEPS.value, dtype=_RESTORE_DTYPE.value,
+                                         weights=_RESTORE_WEIGHTS.value, exact=_RESTORE_EXACT.value,
+                                         compiler_options=opts, backend=backend)
+        else:
+            report = aot.compile_train_step(config, devices, paired=_PAIRED.value, compiler_options=opts,
+                                            backend=backend)
+    except ValueError as e:  # e.g. jax's IndivisibleError: a batch the mesh cannot split
+        logging.info("compilation refused", exc_info=True)
+        print(f"error: cannot compile for {_TOPOLOGY.value} (batch {config.train.batch_size}, mesh "
+              f"{dict(config.mesh)}): {str(e)[:400]}", file=sys.stderr)
+        return 2
     print(aot.format_report(report, gen, mfus))
     return 0 if aot.fits(report, gen) else 1
 

@@ -131,3 +131,16 @@ def test_gpu_compile_in_the_plugins_own_folder():
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "1 passed" in out and "skipped" not in out, out[-4000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--topology", "v5e-3"], "error: --topology v5e-3: v5e-3: 3 chips is not a v5e slice shape"),
+    (["--topology", "v5e-4", "--batch", "6"], "error: cannot compile for v5e-4 (batch 6"),
+])
+def test_a_mistake_is_exit_2_not_does_not_fit(args, message):
+    """diffrestorer-aot's exit status 1 means "does not fit" (a sweep reads it so): an unknown
+    topology or a batch the chips cannot split is a one-line error and exit status 2 instead."""
+    proc = subprocess.run([sys.executable, "-m", "diffrestorer_jax.cli.aot", "--config",
+                           "configs/tiny.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
