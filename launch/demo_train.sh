@@ -14,15 +14,25 @@
 # seen by the prior, as the held-out photos are not); coffee and rocket are held out for `make demo`.
 #
 # Step counts are sized for about 2 hours on a 2-core CPU (see demo/README.md for the measured
-# wall time; compiling is a minute or two of each stage). A stage that is interrupted resumes from its
-# last checkpoint when the script is run again (every stage's workdir keeps its checkpoints).
-# Override them with the environment:
+# wall time; compiling is a minute or two of each stage). A stage that is stopped (SIGTERM: it saves
+# and exits 0) or fails stops the script, before any later stage, with a non-zero exit status; it
+# resumes from its last checkpoint when the script is run again (every stage's workdir keeps its
+# checkpoints; RUN_DIR/<stage>.log its console output). The export replaces OUT atomically (a kill or
+# a full disk leaves the previous one); an OUT that exists and is not an export is refused before
+# any training. Override them with the environment:
 #   VAE_STEPS UNET_STEPS S1_STEPS S2_STEPS S2W_STEPS, RUN_DIR (default workdir_demo), OUT (default demo/checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The commands come from the project's venv (make demo-train puts .venv/bin first on PATH).
 RUN_DIR=${RUN_DIR:-workdir_demo}
 OUT=${OUT:-demo/checkpoint}
+check_out() {  # OUT is replaced by this run's export: never a folder of the user's
+  if [ -e "$OUT" ] && ! { [ -f "$OUT/config.json" ] && [ -d "$OUT/params" ]; }; then
+    echo "OUT=$OUT exists and is not an export (no config.json + params/): not replacing it; set OUT to another folder" >&2
+    exit 2
+  fi
+}
+check_out
 VAE_STEPS=${VAE_STEPS:-3000}
 UNET_STEPS=${UNET_STEPS:-1000}
 S1_STEPS=${S1_STEPS:-1000}
@@ -54,9 +64,15 @@ stage() {  # [CFG_STAGE=config stage] stage NAME STEPS LR INIT_FROM [extra flags
   local t0
   t0=$(date +%s)
   echo "== $name: $steps steps, lr $lr, init_from '${init}' ($(date -u +%H:%M:%S) UTC)"
-  diffrestorer-train --config "$CONFIG:${CFG_STAGE:-$name}" --workdir "$RUN_DIR/$name" "${COMMON[@]}" \
-    --config.train.num_steps="$steps" --config.train.learning_rate="$lr" \
-    --config.weights.init_from="$init" "$@"
+  # A stage stopped by SIGTERM saves and exits 0 ("training preempted"): only "training done" says it
+  # finished and exported, so later stages never start from a previous run's exports.
+  PYTHONUNBUFFERED=1 diffrestorer-train --config "$CONFIG:${CFG_STAGE:-$name}" --workdir "$RUN_DIR/$name" \
+    "${COMMON[@]}" --config.train.num_steps="$steps" --config.train.learning_rate="$lr" \
+    --config.weights.init_from="$init" "$@" 2>&1 | tee "$RUN_DIR/$name.log"
+  if ! grep -qx "training done" "$RUN_DIR/$name.log"; then
+    echo "== $name did not finish (stopped or preempted): run the script again to resume it" >&2
+    exit 1
+  fi
   echo "== $name took $(( $(date +%s) - t0 )) s"
 }
 
@@ -89,8 +105,8 @@ stage stage2 "$S2_STEPS" 5e-4 "$RUN_DIR/stage1/export" "${S2[@]}" --config.train
 # average keeps most of the gains without that (demo/README.md, 2026-12-06 night).
 CFG_STAGE=stage2 stage stage2_whole "$S2W_STEPS" 2.5e-4 "$RUN_DIR/stage2/export" "${S2[@]}" \
   --config.weights.init_trained=True --config.image_size=128 --config.train.batch_size=4
-diffrestorer-average-exports "$RUN_DIR/stage2/export" "$RUN_DIR/stage2_whole/export" --weight 0.5 \
-  --out "$RUN_DIR/export"
+AVERAGE=(diffrestorer-average-exports "$RUN_DIR/stage2/export" "$RUN_DIR/stage2_whole/export" --weight 0.5)
+"${AVERAGE[@]}" --out "$RUN_DIR/export"
 
 # The data is indexed by step and every key derives from the seed, so a re-run can give the very
 # same parameters (the previous recipe's from-scratch run gave its shipped ones bit for bit; this one's
@@ -100,7 +116,9 @@ if [ -d "$OUT" ]; then
   echo "== this run against the checkpoint it replaces ($OUT):"
   diffrestorer-compare-exports "$OUT" "$RUN_DIR/export" || true
 fi
-rm -rf "$OUT"
+# The same average written again, into OUT: it replaces OUT atomically (a kill or a failed write leaves
+# the previous checkpoint), and averaging is deterministic, so OUT gets $RUN_DIR/export's parameters.
+check_out
 mkdir -p "$(dirname "$OUT")"
-cp -r "$RUN_DIR/export" "$OUT"
+"${AVERAGE[@]}" --out "$OUT"
 echo "demo checkpoint: $OUT ($(du -sh "$OUT" | cut -f1)); total $(( $(date +%s) - start )) s on $(nproc) cores"

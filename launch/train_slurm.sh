@@ -8,8 +8,11 @@
 #
 # JAX's SLURM detection (used by jax.distributed.initialize() in diffrestorer-train when
 # SLURM_NTASKS > 1) reads the coordinator, process count and id from the SLURM env; we also set
-# them explicitly so the launch works where auto-detection does not (the coordinator listens on the
-# first node's port JAX_COORDINATOR_PORT, default 12355). WORKDIR must be on a file
+# them explicitly so the launch works where auto-detection does not. The coordinator listens on the
+# first node's port 20000 + SLURM_JOB_ID % 12000, one per job: two jobs whose first node is the same
+# machine (two 4-GPU jobs on an 8-GPU node) must not share it, or the second kills the first one's
+# coordinator. The range stays below Linux's ephemeral ports (32768-60999), which outgoing
+# connections take; set JAX_COORDINATOR_PORT to choose the port yourself. WORKDIR must be on a file
 # system every node sees (or a gs:// bucket). Submitting the same job again resumes from the latest
 # checkpoint; SLURM's SIGTERM before the time limit or on preemption (--signal, sent to every task)
 # makes every process save the same step and exit 0, and --requeue puts the job back in the queue.
@@ -27,7 +30,7 @@ TRAIN="$REPO/.venv/bin/diffrestorer-train"
 [[ -x "$TRAIN" ]] || { echo "$TRAIN not found: install this checkout into .venv first (see the top of $0)" >&2; exit 2; }
 
 COORD_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
-export JAX_COORDINATOR_ADDRESS="${COORD_HOST}:${JAX_COORDINATOR_PORT:-12355}"
+export JAX_COORDINATOR_ADDRESS="${COORD_HOST}:${JAX_COORDINATOR_PORT:-$(( 20000 + SLURM_JOB_ID % 12000 ))}"
 export JAX_NUM_PROCESSES="$SLURM_NTASKS"
 
 # One task per GPU: each sees one device; JAX_PROCESS_ID comes from the task's rank. Where SLURM

@@ -18,20 +18,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(REPO, "launch", "train_slurm.sh")
 
 
-def _launch(tmp_path, visible):
+def _launch(tmp_path, visible, **extra_env):
     bin_dir, submit = tmp_path / "bin", tmp_path / "checkout"
-    (submit / ".venv" / "bin").mkdir(parents=True)
-    bin_dir.mkdir()
+    (submit / ".venv" / "bin").mkdir(parents=True, exist_ok=True)
+    bin_dir.mkdir(exist_ok=True)
     procs.executable(submit / ".venv" / "bin" / "diffrestorer-train",
-                '#!/bin/bash\necho "task $JAX_PROCESS_ID gpu $CUDA_VISIBLE_DEVICES args $*"\n')
+                '#!/bin/bash\necho "task $JAX_PROCESS_ID gpu $CUDA_VISIBLE_DEVICES'
+                ' coordinator $JAX_COORDINATOR_ADDRESS args $*"\n')
     procs.executable(bin_dir / "scontrol", "#!/bin/bash\necho node-a\necho node-b\n")
     procs.executable(bin_dir / "srun", '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                 'for i in 0 1; do SLURM_PROCID=$i SLURM_LOCALID=$i "$@"; done\n')
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "JAX_COORDINATOR_PORT")}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_SUBMIT_DIR=str(submit), SLURM_JOB_NODELIST="node-[a-b]",
-               SLURM_NTASKS="2")
+               SLURM_NTASKS="2", SLURM_JOB_ID="4242")
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
+    env.update(extra_env)
     out = subprocess.run(["bash", SCRIPT, "configs/sd15.py:stage1", "/shared/run", "--config.seed=1"], env=env,
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return out.splitlines()
@@ -44,8 +46,27 @@ def _launch(tmp_path, visible):
 ])
 def test_each_task_gets_one_gpu(tmp_path, visible, want):
     lines = _launch(tmp_path, visible)
-    assert lines == [f"task {k} gpu {g} args --config=configs/sd15.py:stage1 --workdir=/shared/run "
-                     "--config.seed=1" for k, g in enumerate(want)]
+    assert lines == [f"task {k} gpu {g} coordinator node-a:24242 args --config=configs/sd15.py:stage1 "
+                     "--workdir=/shared/run --config.seed=1" for k, g in enumerate(want)]
+
+
+def _coordinators(tmp_path, **env):
+    return {line.split(" coordinator ")[1].split()[0] for line in _launch(tmp_path, None, **env)}
+
+
+def test_each_job_gets_its_own_coordinator_port(tmp_path):
+    """Two jobs whose first node is the same machine (two 4-GPU jobs on one 8-GPU node) must not share
+    the coordinator's port: the second job's coordinator cannot bind it, and its tasks kill the first
+    job's (all jobs got 12355 before). The port follows the job id, below Linux's ephemeral ports;
+    JAX_COORDINATOR_PORT still chooses it."""
+    ports = []
+    for job in ("101", "102", "11999", "12000", "4294967294"):
+        (address,) = _coordinators(tmp_path, SLURM_JOB_ID=job)
+        host, port = address.split(":")
+        assert host == "node-a" and 20000 <= int(port) < 32768, address
+        ports.append(int(port))
+    assert len(set(ports)) == len(ports), ports
+    assert _coordinators(tmp_path, SLURM_JOB_ID="101", JAX_COORDINATOR_PORT="12399") == {"node-a:12399"}
 
 
 # diffrestorer-train's first step (cli/train.py), then what the process's GPU runtime would be told
