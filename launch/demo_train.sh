@@ -65,10 +65,12 @@ stage() {  # [CFG_STAGE=config stage] stage NAME STEPS LR INIT_FROM [extra flags
   t0=$(date +%s)
   echo "== $name: $steps steps, lr $lr, init_from '${init}' ($(date -u +%H:%M:%S) UTC)"
   # A stage stopped by SIGTERM saves and exits 0 ("training preempted"): only "training done" says it
-  # finished and exported, so later stages never start from a previous run's exports.
+  # finished and exported, so later stages never start from a previous run's exports. tee ignores the
+  # signals a whole process group gets (timeout, scancel, Ctrl-C), so the trainer can still print
+  # while it saves (a dead tee would kill it with a broken pipe before its checkpoint).
   PYTHONUNBUFFERED=1 diffrestorer-train --config "$CONFIG:${CFG_STAGE:-$name}" --workdir "$RUN_DIR/$name" \
     "${COMMON[@]}" --config.train.num_steps="$steps" --config.train.learning_rate="$lr" \
-    --config.weights.init_from="$init" "$@" 2>&1 | tee "$RUN_DIR/$name.log"
+    --config.weights.init_from="$init" "$@" 2>&1 | (trap '' TERM INT HUP; exec tee "$RUN_DIR/$name.log")
   if ! grep -qx "training done" "$RUN_DIR/$name.log"; then
     echo "== $name did not finish (stopped or preempted): run the script again to resume it" >&2
     exit 1

@@ -10,7 +10,9 @@ diffrestorer-average-exports writes to --out as the real one does through atomic
 (FAKE_DISK_FULL_AT=<out>) leaves --out as it was (tests/unit/test_atomic.py tests that part)."""
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import procs
 
@@ -31,6 +33,12 @@ while (( $# )); do
 done
 name=$(basename "$wd"); echo "$name" >> "$FAKE_LOG"
 echo "step 10 loss=1"
+if [[ "${FAKE_WAIT_FOR_TERM:-}" == "$name" ]]; then  # a long stage: SIGTERM saves, printing as it goes
+  trap 'sleep 0.3; echo "preempted: checkpoint saved at step 10"; echo saved > "$wd.saved"
+        echo "training preempted"; exit 0' TERM
+  touch "$FAKE_READY"
+  while true; do sleep 0.1; done
+fi
 if [[ "${FAKE_STOP:-}" == "$name" ]]; then
   echo "preempted: checkpoint saved at step 10"; echo "training preempted"; exit 0
 fi
@@ -121,3 +129,31 @@ def test_an_out_that_is_not_an_export_is_refused_before_training(tmp_path):
     assert proc.returncode == 0 and stages == STAGES, proc.stderr
     assert (tmp_path / "new" / "export" / "config.json").read_text() == \
         (root / "workdir_demo" / "export" / "config.json").read_text()
+
+
+def test_a_sigterm_to_the_whole_process_group_still_saves(tmp_path):
+    """timeout, scancel and Ctrl-C signal the whole process group, tee included. Before, tee died at
+    once and the trainer, printing as it saved, was killed by the broken pipe before its checkpoint."""
+    root, bin_dir = _checkout(tmp_path)
+    log, ready = root / "stages", tmp_path / "ready"
+    log.write_text("")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_RUN="1",
+               FAKE_WAIT_FOR_TERM="prior_vae", FAKE_READY=str(ready))
+    proc = subprocess.Popen(["bash", str(root / "launch" / "demo_train.sh")], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the stage never started"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        saved = root / "workdir_demo" / "prior_vae.saved"
+        deadline = time.monotonic() + 10
+        while not saved.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert saved.exists(), "the stage was killed before it saved"
+        assert "training preempted" in (root / "workdir_demo" / "prior_vae.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
