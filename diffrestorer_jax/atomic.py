@@ -125,19 +125,27 @@ def resolve(final) -> bool:
     return _finish(paths.path(final), writer=False)
 
 
-def begin(final) -> epath.Path:
-    """A fresh, empty `final.new` to write the new version into, marked with this process as owner.
-    Clears what a killed writer left; refuses (FileExistsError) when another writer of this host is
-    at work or a `.new` / `.old` sibling is there that this module did not write."""
+def check_writable(final) -> None:
+    """Raise FileExistsError, changing nothing, where `begin(final)` would refuse: another writer of
+    this host at work, or a `.new` / `.old` sibling that this module did not mark as its own."""
     final = paths.path(final)
     new, old = _sibling(final, NEW), _sibling(final, OLD)
     if new.exists() and _live_writer(new) and _owner_file(new) != _owner_text():
         raise FileExistsError(f"{final} is being written by another process ({_owner_file(new)})")
-    _finish(final, writer=True)
-    for sibling in (new, old):
-        if sibling.exists():
-            raise FileExistsError(f"{sibling} is in the way of writing {final} and was not written by "
-                                  f"diffrestorer: move it away")
+    for sibling, ours in ((new, _ours_new(new)), (old, _ours_old(final, old))):
+        if sibling.exists() and not ours:
+            raise FileExistsError(f"{sibling} is in the way of writing {final}: it is not marked as a "
+                                  f"version this code writes (a save killed under a version before "
+                                  f"2026-12-07, or a file of yours): move it away or delete it")
+
+
+def begin(final) -> epath.Path:
+    """A fresh, empty `final.new` to write the new version into, marked with this process as owner.
+    Clears what a killed writer left; refuses as `check_writable` says."""
+    final = paths.path(final)
+    check_writable(final)
+    _finish(final, writer=True)  # what a killed writer left, all of it ours
+    new = _sibling(final, NEW)
     final.parent.mkdir(parents=True, exist_ok=True)
     new.mkdir(parents=True)
     (new / OWNER).write_text(_owner_text())

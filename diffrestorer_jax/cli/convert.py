@@ -24,7 +24,7 @@ from diffrestorer_jax.cli import startup
 def _check(out: str, jobs) -> list:
     """What stops the conversion before it writes anything: a missing source, an --out that is a
     file, a destination that holds something other than an earlier conversion."""
-    from diffrestorer_jax import paths
+    from diffrestorer_jax import atomic, paths
     from diffrestorer_jax.convert import is_converted
     out_path = paths.path(out)
     if out_path.exists() and not out_path.is_dir():
@@ -37,6 +37,11 @@ def _check(out: str, jobs) -> list:
         elif dest.exists() and not is_converted(str(dest)):
             problems.append(f"--out {out}: {dest} exists and is not an earlier conversion (it would be "
                             f"replaced): give another --out")
+        else:
+            try:
+                atomic.check_writable(dest)
+            except FileExistsError as e:
+                problems.append(f"--out {out}: {e}")
     return problems
 
 

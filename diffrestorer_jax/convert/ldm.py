@@ -119,7 +119,7 @@ def _unsupported_family(keys) -> str:
         return "Stable Diffusion 3 (an MMDiT, not a UNet)"
     if any(k.startswith((UNET_PREFIX + "double_blocks.", "double_blocks.")) for k in ks):
         return "FLUX (a transformer, not a UNet)"
-    if any(k.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.")) for k in ks):
+    if any(k.startswith("conditioner.embedders.") for k in ks):
         return "SDXL"
     return ""
 
@@ -149,6 +149,9 @@ def unet_state_dict(sd: Mapping, prefer_ema: bool = True) -> RenamedStateDict:
                                   "names cannot be mapped without the plain model.diffusion_model.* keys")
         raise CheckpointError(f"{path}: not a single-file Stable Diffusion checkpoint (no "
                               f"'{UNET_PREFIX}*' keys); {_describe(all_keys)}")
+    if any(k.startswith("label_emb.") for k in plain):
+        raise CheckpointError(f"{path}: its UNet has class / size embeddings ('{UNET_PREFIX}label_emb.*': "
+                              "an SD 2.x unCLIP or SDXL UNet), which this loader does not read")
     if not any(k.startswith("input_blocks.") for k in plain):
         raise CheckpointError(f"{path}: '{UNET_PREFIX}*' holds no input_blocks: not the UNet of a "
                               f"Stable Diffusion 1.x / 2.x file (first keys {sorted(plain)[:3]})")

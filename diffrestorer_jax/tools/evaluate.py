@@ -102,7 +102,8 @@ def load_pairs(data: str, split: str = "test", max_per_type: Optional[int] = Non
 
 def pair_name(lq_path: str) -> str:
     """A pair's name (and image id source): '<type folder>/LQ/<path within LQ>', the same for a
-    folder and for the TFDS set built from it, and unique where basenames repeat."""
+    folder and for the TFDS set built from it alone (a set built from several roots has each root's
+    folder name after 'LQ/'), and unique where basenames repeat."""
     p = lq_path.replace(os.sep, "/")
     head, sep, rest = p.rpartition("/LQ/")
     return f"{os.path.basename(head)}/LQ/{rest}" if sep else p.lstrip("/")

@@ -80,6 +80,11 @@ def test_out_never_replaces_what_it_did_not_write(sources, tmp_path, capsys):
     assert convert_main(["--clip", str(pipe / "clip"), "--vae", str(tmp_path / "typo"),
                          "--out", str(out)]) == 2
     assert "typo: no such file or folder" in capsys.readouterr().err and not out.exists()
+    (out / "clip.old").mkdir(parents=True)  # a backup of the user's where the swap would put the old clip
+    assert convert_main(["--unet", str(pipe / "unet"), "--clip", str(pipe / "clip"), "--out", str(out)]) == 2
+    assert "clip.old is in the way" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["clip.old"]  # not even the unet was written
+    (out / "clip.old").rmdir()
     for _ in range(2):  # the second run replaces the first's conversion
         assert convert_main(["--clip", str(pipe / "clip"), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["clip"]

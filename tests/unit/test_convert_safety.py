@@ -147,12 +147,16 @@ def _bad_sources(tmp):
                 "sdxl": ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(2),
                           "model.diffusion_model.label_emb.0.0.weight": torch.zeros(2),
                           "first_stage_model.encoder.conv_in.weight": torch.zeros(2)}, "SDXL"),
-                "other": ({"model.diffusion_model.blocks.0.weight": torch.zeros(2)}, "holds no input_blocks")}
+                "other": ({"model.diffusion_model.blocks.0.weight": torch.zeros(2)}, "holds no input_blocks"),
+                # SD 2.x unCLIP: a UNet with class embeddings, beside a standard VAE (which converts)
+                "unclip": ({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2),
+                            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)},
+                           "class / size embeddings")}
     for name, (tensors, _) in families.items():
         save_file(tensors, str(tmp / f"{name}.safetensors"))
     return [("--unet", tmp / "nowhere", "nowhere"),
             *[(flag, tmp / f"{name}.safetensors", expected) for name, (_, expected) in families.items()
-              for flag in ("--unet", "--vae") if name != "other" or flag == "--unet"],
+              for flag in ("--unet", "--vae") if name not in ("other", "unclip") or flag == "--unet"],
             ("--clip", empty, "empty.safetensors: not a valid safetensors"),
             ("--vae", text, "notes.ckpt: cannot be read"), ("--vae", listcfg, "JSON list, not an object"),
             ("--unet", listcfg, "JSON list, not an object"), ("--clip", listcfg, "JSON list, not an object"),
