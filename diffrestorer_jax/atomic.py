@@ -64,10 +64,23 @@ def _owner_file(folder: epath.Path) -> str:
         return ""
 
 
+def owner_record() -> str:
+    """"<host> <pid>" of this process: what a writer leaves in the folder it is writing."""
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def owner_alive(record: str):
+    """For an `owner_record`: True if its process runs on this host, False if it ran here and is
+    gone, None if it is another host's (or the record is not one)."""
+    host, _, pid = record.partition(" ")
+    if host != socket.gethostname() or not pid.strip().isdigit():
+        return None
+    return process_alive(int(pid))
+
+
 def _live_writer(folder: epath.Path) -> bool:
     """Whether `folder`'s owner file names a process of this host that still runs."""
-    host, _, pid = _owner_file(folder).partition(" ")
-    return host == socket.gethostname() and pid.strip().isdigit() and process_alive(int(pid))
+    return owner_alive(_owner_file(folder)) is True
 
 
 def _ours_new(new: epath.Path) -> bool:
@@ -130,7 +143,7 @@ def check_writable(final) -> None:
     this host at work, or a `.new` / `.old` sibling that this module did not mark as its own."""
     final = paths.path(final)
     new, old = _sibling(final, NEW), _sibling(final, OLD)
-    if new.exists() and _live_writer(new) and _owner_file(new) != _owner_text():
+    if new.exists() and _live_writer(new) and _owner_file(new) != owner_record():
         raise FileExistsError(f"{final} is being written by another process ({_owner_file(new)})")
     for sibling, ours in ((new, _ours_new(new)), (old, _ours_old(final, old))):
         if sibling.exists() and not ours:
@@ -148,12 +161,8 @@ def begin(final) -> epath.Path:
     new = _sibling(final, NEW)
     final.parent.mkdir(parents=True, exist_ok=True)
     new.mkdir(parents=True)
-    (new / OWNER).write_text(_owner_text())
+    (new / OWNER).write_text(owner_record())
     return new
-
-
-def _owner_text() -> str:
-    return f"{socket.gethostname()} {os.getpid()}"
 
 
 def commit(final) -> None:

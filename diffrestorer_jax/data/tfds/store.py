@@ -13,10 +13,9 @@ import json
 import os
 import re
 import shutil
-import socket
 from typing import Dict, List, Optional
 
-from diffrestorer_jax.atomic import process_alive
+from diffrestorer_jax import atomic
 
 INFO_FILE = "dataset_info.json"
 BUILDING = ".building-"  # prefix of a build's temporary folder in <out>
@@ -110,7 +109,7 @@ def install_split(built_version_dir: str, version_dir: str, kind: str, split: st
 def claim(work_dir: str) -> None:
     """Mark a build's temporary folder as this process's (see `clear_stale_builds`)."""
     with open(os.path.join(work_dir, OWNER), "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}")
+        f.write(atomic.owner_record())
 
 
 def clear_stale_builds(out_dir: str) -> List[str]:
@@ -123,20 +122,20 @@ def clear_stale_builds(out_dir: str) -> List[str]:
             continue
         try:
             with open(os.path.join(folder, OWNER)) as f:
-                host, _, pid = f.read().partition(" ")
+                record = f.read()
         except OSError:
-            host, pid = "", ""
-        if host == socket.gethostname() and pid.strip().isdigit():
-            if not process_alive(int(pid)):
-                try:
-                    shutil.rmtree(folder)
-                    notes.append(f"removed {folder}, left by a build that was stopped (process {pid.strip()})")
-                except OSError as e:
-                    notes.append(f"could not remove {folder}, left by a stopped build: {e}")
-        elif host:
-            notes.append(f"left {folder} in place: a build on host {host} wrote it; remove it if that "
-                         "build no longer runs")
-        else:
+            record = ""
+        alive = atomic.owner_alive(record)
+        if alive is False:
+            try:
+                shutil.rmtree(folder)
+                notes.append(f"removed {folder}, left by a build that was stopped ({record})")
+            except OSError as e:
+                notes.append(f"could not remove {folder}, left by a stopped build: {e}")
+        elif alive is None and record:
+            notes.append(f"left {folder} in place: a build on host {record.partition(' ')[0]} wrote it; "
+                         "remove it if that build no longer runs")
+        elif alive is None:
             notes.append(f"left {folder} in place: no build owner recorded in it (an older version's, "
                          "or just starting); remove it if no build into this folder runs")
     return notes
