@@ -19,6 +19,8 @@ Conventions (also written into metrics.json under "protocol"):
   * Per type: the mean over that type's images. "average": the mean of the per-type means (each
     degradation weighs the same, as multi-degradation tables do); "all images": the plain mean.
   * "input" rows measure the degraded LQ against the GT, the baseline a restorer must beat.
+  * Values that are not finite (the PSNR of an image equal to its GT, the SSIM of one smaller than
+    the SSIM window) are left out of every mean; "left_out_of_means" counts them per metric.
 """
 import collections
 import datetime
@@ -139,8 +141,22 @@ def pair_metrics(restored: np.ndarray, gt: np.ndarray, crop_border: int = 0) -> 
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
+    """The mean of the finite values (None if there are none): see `_left_out`."""
     vals = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
+
+
+def _left_out(per_image: Sequence[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """Per metric, how many restored and input values the means leave out for not being finite: the
+    PSNR of an image equal to its GT (infinite), the SSIM of one smaller than its window (undefined).
+    Only metrics with any; a report without this key left nothing out."""
+    out = {}
+    for k in names:
+        counts = {side: sum(not np.isfinite(row[k]) for row in rows)
+                  for side, rows in (("restored", per_image), ("input", [r["input"] for r in per_image]))}
+        if any(counts.values()):
+            out[k] = counts
+    return out
 
 
 def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[Any, Any]] = None,
@@ -213,6 +229,10 @@ def evaluate(restorer, entries, *, crop_border: int = 0, lpips: Optional[Tuple[A
         "type_accuracy": _mean([float(r["predicted_type"] == r["type"]) for r in per_image]),
         "per_image": per_image, "failed": [{"file": f, "reason": r} for f, r in failed],
     }
+    left_out = _left_out(per_image, names)
+    if left_out:
+        results["left_out_of_means"] = left_out
+        log("not in the means (not finite): " + _left_out_text(left_out))
     results["fid"] = fid.results() if fid is not None else {
         "computed": False, "reason": "no Inception weights given (--fid-inception)"}
     if fid is None:
@@ -253,11 +273,19 @@ def protocol(restorer, data: str, split: str, kind: str, crop_border: int, lpips
             "fid": ("restored vs GT, 2048-d pool features of FID's Inception-v3 (pytorch-fid: bilinear "
                     "resize to 299, [-1, 1]), exact trace term; weights " + fid_file)
             if fid_file else "not computed (no --fid-inception)",
-            "average": "mean of the per-type means; all_images: mean over images",
+            "average": "mean of the per-type means; all_images: mean over images; values that are not "
+                       "finite (PSNR of an image equal to its GT, SSIM of one smaller than the window) "
+                       "are left out of every mean and counted under left_out_of_means",
         },
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _left_out_text(left_out: Dict[str, Dict[str, int]]) -> str:
+    return "; ".join(f"{k.upper().replace('_Y', ' (Y)')} of {c['restored']} restored and {c['input']} input "
+                     f"image(s)" for k, c in left_out.items()) + (
+        " (PSNR: equal to the GT, infinite; SSIM: smaller than its window, undefined)")
 
 
 def _fmt(v, digits):
@@ -290,6 +318,8 @@ def markdown_table(results: Dict[str, Any], proto: Optional[Dict[str, Any]] = No
         text += (f"\nSettings: {r['settings']}, knobs {r['knobs']}, seed {r['seed']}, colour fix "
                  f"{r['color_fix']}; crop border {proto['metric_conventions']['crop_border']}; "
                  f"checkpoint {r['checkpoint']}. Full protocol in metrics.json.\n")
+    if results.get("left_out_of_means"):
+        text += "\nLeft out of the means: " + _left_out_text(results["left_out_of_means"]) + ".\n"
     if results.get("failed"):
         text += f"\n{len(results['failed'])} pair(s) failed: see metrics.json.\n"
     return text

@@ -181,3 +181,23 @@ def test_names_twice_in_the_data_are_refused_before_restoring(tmp_path):
     entries = [("noisy/LQ/0.png", "noise", load), ("noisy/LQ/0.png", "noise", load)]
     with pytest.raises(ev.EvaluateError, match=r"occur more than once.*'noisy/LQ/0.png'.*rebuild it"):
         ev.evaluate(None, entries)
+
+
+def test_values_left_out_of_the_means_are_counted_and_said(ckpt, paired, tmp_path, capsys):
+    """An LQ equal to its GT has an infinite input PSNR, which no mean can hold: the means leave it
+    out, and the report says how many were left out instead of averaging fewer images silently."""
+    data = tmp_path / "data"
+    shutil.copytree(paired, data)
+    shutil.copy(data / "noisy" / "GT" / "1.png", data / "noisy" / "LQ" / "1.png")
+    out = tmp_path / "eval"
+    rc = evaluate_cli.main(["--checkpoint", ckpt, "--data", str(data), "--out", str(out), "--steps", "2",
+                            "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["left_out_of_means"] == {"psnr": {"restored": 0, "input": 1},
+                                            "psnr_y": {"restored": 0, "input": 1}}
+    finite = [r["input"]["psnr"] for r in metrics["per_image"] if r["type"] == "noise" and np.isfinite(r["input"]["psnr"])]
+    assert metrics["input"]["per_type"]["noise"]["psnr"] == pytest.approx(np.mean(finite))
+    assert "not in the means" in err
+    assert "Left out of the means: PSNR of 0 restored and 1 input image(s)" in (out / "metrics.md").read_text()
