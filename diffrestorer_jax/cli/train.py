@@ -43,7 +43,7 @@ def main(argv) -> int:
         return 2
     from diffrestorer_jax.data.sources import DataConfigError
     from diffrestorer_jax.train import loop, run
-    from diffrestorer_jax.train.checkpoint import ShapeMismatch
+    from diffrestorer_jax.train.checkpoint import DamagedCheckpoint, ShapeMismatch
     from diffrestorer_jax.train.resume_check import ResumeMismatch
     from diffrestorer_jax.train.state import GivenWeightsError
     from diffrestorer_jax.train.workdir_lock import WorkdirLocked
@@ -51,11 +51,11 @@ def main(argv) -> int:
         status = loop.train(_CONFIG.value, _WORKDIR.value, guard=guard,
                             compiler_options=run.FAST_COMPILE if _FAST.value else None,
                             allow_config_changes=_ALLOW.value)
-    except (FloatingPointError, DataConfigError, ResumeMismatch, ShapeMismatch, WorkdirLocked,
-            GivenWeightsError, OSError) as e:
-        # the non-finite streak, data that is not there, a workdir of another run or in use, given
-        # weights that are missing, damaged or of another model config, a workdir that cannot be
-        # written: a message, not a traceback (which goes to the INFO log)
+    except (FloatingPointError, DataConfigError, ResumeMismatch, ShapeMismatch, DamagedCheckpoint,
+            WorkdirLocked, GivenWeightsError, OSError) as e:
+        # the non-finite streak, data that is not there, a workdir of another run or in use, a
+        # damaged checkpoint, given weights that are missing, damaged or of another model config, a
+        # workdir that cannot be written: a message, not a traceback (which goes to the INFO log)
         logging.info("training stopped", exc_info=True)
         print(f"error: {e}", file=sys.stderr)
         return 2

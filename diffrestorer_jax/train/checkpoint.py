@@ -5,7 +5,9 @@ One checkpoint step = three items, so a run restarts exactly where it was:
   'config'  the run's config as JSON (to see what produced a checkpoint, and to detect mismatches);
   'data'    the input pipeline's state, an opaque JSON-able dict (or bytes) from the caller.
 Each step also carries small run facts as Orbax step metadata (`run_info`: the frozen weights'
-fingerprint), read back by `saved_run_info`. Temporary folders of saves that a kill interrupted are
+fingerprint), read back by `saved_run_info`, and a checksum of every state array (`state_checksums`):
+Orbax's files have none, so a damaged file could restore as other numbers without an error; a
+restore that does not give back the saved values raises `DamagedCheckpoint` naming the arrays. Temporary folders of saves that a kill interrupted are
 removed when the manager opens the directory; only committed steps are ever restored.
 Restore takes a *target*: the abstract state whose ShapeDtypeStructs carry the shardings wanted now
 (`sharding.abstract_with_shardings`). Orbax reads each shard straight into that layout, so a
@@ -22,8 +24,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from diffrestorer_jax import paths
+from diffrestorer_jax.checksums import differing, leaf_name, state_checksums
 
 _BYTES_TAG = "__bytes_base64__"
+CHECKSUM_KEY = "state_checksum"
 
 
 def _config_to_json(config) -> dict:
@@ -73,7 +77,8 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   config=ocp.args.JsonSave(_config_to_json(config)),
                                   data=ocp.args.JsonSave(_data_to_json(data_state)))
-        saved = self.manager.save(int(step), args=args, force=True, custom_metadata=run_info)
+        metadata = {**(run_info or {}), CHECKSUM_KEY: state_checksums(state)}
+        saved = self.manager.save(int(step), args=args, force=True, custom_metadata=metadata)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
@@ -90,7 +95,8 @@ class Checkpointer:
         return restored["config"]
 
     def saved_run_info(self, step: int) -> dict:
-        """The `run_info` saved with `step` ({} for checkpoints written without it)."""
+        """The `run_info` saved with `step` ({} for checkpoints written without it), with the state's
+        checksums under CHECKSUM_KEY (absent in checkpoints of versions before them)."""
         return dict(self.manager.metadata(int(step)).custom_metadata or {})
 
     def latest_step(self) -> Optional[int]:
@@ -124,8 +130,23 @@ class Checkpointer:
                 f"{'; ...' if len(changes) > 5 else ''}). A change of the model's shapes cannot resume, "
                 "even with --allow_config_changes: use another --workdir (weights.init_from=<an export> "
                 "with weights.init_trained=True starts from that export's trained networks)") from e
+        self._check_values(step, restored["state"])
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored["state"], restored["config"], _data_from_json(restored["data"])
+
+    def _check_values(self, step: int, state) -> None:
+        """Raise DamagedCheckpoint if `state` (just read) does not have the checksums saved with it."""
+        saved = self.saved_run_info(step).get(CHECKSUM_KEY)
+        if saved is None:  # written before checksums were
+            return
+        differ = differing(saved, state_checksums(state))
+        if differ:
+            earlier = [s for s in self.all_steps() if s < step]
+            raise DamagedCheckpoint(
+                f"{self.directory}: the checkpoint at step {step} is damaged: {len(differ)} array(s) read "
+                f"back are not what was saved ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}). "
+                + (f"Move {self.directory / str(step)} out of the folder to resume from step {max(earlier)}."
+                   if earlier else "There is no earlier checkpoint step to resume from."))
 
     def _shape_changes(self, step: int, target) -> list:
         """'name: saved (a, b), now (c, d)' for each array whose shape the saved state and `target`
@@ -160,11 +181,15 @@ class ShapeMismatch(ValueError):
     """The checkpoint's train state has other shapes than the one asked for (another model)."""
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint step's state read back with other values than were saved (a damaged file)."""
+
+
+
+
 def _shapes_by_name(tree) -> dict:
     """{'ema.unet.conv_in.kernel': shape} of a state tree (dataclass fields and dict keys alike)."""
-    def name(path):
-        return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-    return {name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    return {leaf_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
             if hasattr(leaf, "shape")}
 
 
