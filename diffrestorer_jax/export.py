@@ -2,13 +2,16 @@
 
     <dir>/config.json   the run's config (ConfigDict JSON): rebuilds the networks
     <dir>/params/       Orbax checkpoint of {clip, prompt, control, unet, vae, decoder}
+    <dir>/checksums.json  a 32-bit checksum of every parameter array (`checksums.state_checksums`)
 
 Training writes it at the end (EMA weights for the networks it trained, the frozen ones as they
 were); restoring reads it, and `config.weights.init_from` starts a later stage from it. Arrays may
 be sharded when saved; `load_export` reads them into whatever layout the caller asks for (default:
 one device), so an export moves freely between meshes and machines. `load_config` lays the saved
 config over `config_base.base_config()`, so readers find every field, with today's default where an
-older export lacks one.
+older export lacks one. Orbax's files carry no checksum, so `load_export` compares the parameters it
+read with checksums.json and raises DamagedExport naming the arrays that differ (exports written
+before the file existed load unchecked).
 """
 import json
 import os
@@ -20,6 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from diffrestorer_jax import atomic, paths
+from diffrestorer_jax.checksums import differing, state_checksums
 from diffrestorer_jax.config_base import base_config
 from diffrestorer_jax.models import diffrestorer as dr
 from diffrestorer_jax.parallel import mesh as mesh_lib
@@ -27,6 +31,11 @@ from diffrestorer_jax.parallel import sharding
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKSUMS_FILE = "checksums.json"
+
+
+class DamagedExport(ValueError):
+    """An export's parameters read back with other values than were saved (a damaged file)."""
 # Network configs in reference-implementation field names: taken as saved, never merged with the
 # base config's presets (a missing field means the module's own default, as in diffusers).
 AS_SAVED = ("model.unet", "model.vae", "model.clip")
@@ -50,9 +59,11 @@ def save_export(directory: str, params: Dict[str, Any], config) -> str:
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(tmp / PARAMS_DIR, params)
             ckpt.wait_until_finished()
+        checksums = state_checksums(sharding.unbox(params))  # every process: the arrays may be sharded
         if primary:
             text = config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config, indent=2)
             (tmp / CONFIG_FILE).write_text(text)
+            (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=0, sort_keys=True))
         mesh_lib.barrier(f"export {directory}: new version written")
     except BaseException:
         if primary:
@@ -117,7 +128,25 @@ def load_export(directory: str, shardings: Optional[Any] = None, mesh=None, rule
     path = paths.path(directory) / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path, target=target)
+    check_values(directory, params)
     return config, nets, {n: params[n] for n in names}
+
+
+def check_values(directory: str, params) -> None:
+    """Raise DamagedExport if `params` (all six networks, as read from `directory`) do not have the
+    checksums saved beside them; nothing to check for an export without checksums.json."""
+    path = paths.path(directory) / CHECKSUMS_FILE
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedExport(f"{directory}: {CHECKSUMS_FILE} is damaged ({e})") from None
+    differ = differing(saved, state_checksums(sharding.unbox(params)))
+    if differ:
+        raise DamagedExport(
+            f"{directory}: the export is damaged: {len(differ)} parameter array(s) read back are not what "
+            f"was saved ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}); copy or export it again")
 
 
 def compare_exports(a: str, b: str) -> Dict[str, float]:

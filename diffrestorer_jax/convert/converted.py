@@ -1,5 +1,6 @@
 """Our own on-disk format for converted weights: an Orbax checkpoint of the params and, beside it,
-`flax_module.json` naming the module class and its fields. Converting a 3.4 GB SD UNet from PyTorch
+`flax_module.json` naming the module class and its fields, and `checksums.json`, a checksum of every
+array (Orbax's files have none: a damaged file could read back as other weights). Converting a 3.4 GB SD UNet from PyTorch
 takes a while; doing it once (`diffrestorer-convert`) and loading this format afterwards skips the
 renaming/transposing, and needs neither torch nor the original files.
 """
@@ -12,10 +13,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from diffrestorer_jax import atomic, paths
+from diffrestorer_jax.checksums import differing, state_checksums
 from diffrestorer_jax.convert.core import CheckpointError
 
 MODULE_FILE = "flax_module.json"
 PARAMS_DIR = "params"
+CHECKSUMS_FILE = "checksums.json"
 
 
 def _module_classes():
@@ -68,6 +71,7 @@ def save_converted(directory: str, module, params) -> None:
             ckptr.save(tmp / PARAMS_DIR, params)
         spec = {"class": type(module).__name__, "fields": module_fields(module)}
         (tmp / MODULE_FILE).write_text(json.dumps(spec, indent=1))
+        (tmp / CHECKSUMS_FILE).write_text(json.dumps(state_checksums(params), indent=0, sort_keys=True))
 
 
 def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
@@ -95,6 +99,17 @@ def load_converted(directory: str, dtype=None) -> Tuple[Any, Dict]:
         raise CheckpointError(f"{directory / PARAMS_DIR}: the parameters cannot be read "
                               f"({type(e).__name__}: {str(e)[:160]}); "
                               f"convert the weights again") from e
+    if (directory / CHECKSUMS_FILE).exists():  # folders converted before checksums load unchecked
+        try:
+            saved = json.loads((directory / CHECKSUMS_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory / CHECKSUMS_FILE}: cannot be read ({e}); convert the weights "
+                                  "again") from e
+        differ = differing(saved, state_checksums(params))
+        if differ:
+            raise CheckpointError(f"{directory}: damaged: {len(differ)} parameter array(s) read back are not "
+                                  f"what was saved ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}); "
+                                  "convert the weights again")
     if dtype is not None:
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return module, params

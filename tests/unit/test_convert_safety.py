@@ -8,13 +8,16 @@ import os
 import shutil
 import struct
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from diffrestorer_jax.cli.convert import main as convert_main
 from diffrestorer_jax.convert import files, load_clip_vision
+from diffrestorer_jax.convert.converted import load_converted
 from diffrestorer_jax.convert.core import CheckpointError, StateDict
 from diffrestorer_jax.convert.unet import open_weights
 
@@ -196,11 +199,22 @@ def test_a_damaged_or_foreign_converted_folder_is_one_clear_line(tmp_path, capsy
         (next(p for p in sorted((folder / "params").rglob("*")) if p.is_file()
               and p.name in ("_METADATA", "manifest.ocdbt"))).unlink()
 
+    def change_a_weight(folder):  # Orbax's files have no checksum: this read back as other weights
+        _, params = load_converted(str(folder))
+        flat = jax.tree.leaves(params)
+        kernel = np.array(flat[0])
+        kernel.reshape(-1)[0] += 1.0
+        with ocp.StandardCheckpointer() as ckptr:  # the same format, one value changed
+            shutil.rmtree(folder / "params")
+            ckptr.save(folder / "params", jax.tree.unflatten(jax.tree.structure(params), [kernel] + flat[1:]))
+
     cases = {"a field from another version": (spec(lambda d: d["fields"].update(old_field=1)),
                                               "does not fit this version's CLIPVisionTransformer"),
              "no fields": (spec(lambda d: d.pop("fields")), "KeyError"),
              "fields null": (spec(lambda d: d.update(fields=None)), "AttributeError"),
-             "a lost params file": (lose_a_params_file, "the parameters cannot be read")}
+             "a lost params file": (lose_a_params_file, "the parameters cannot be read"),
+             "a changed weight": (change_a_weight, r"damaged: 1 parameter array\(s\) read back are not what was "
+                                                   r"saved \(.+\); convert the weights again")}
     for i, (case, (damage, expected)) in enumerate(cases.items()):
         folder = tmp_path / f"case{i}" / "clip"
         shutil.copytree(good, folder)
