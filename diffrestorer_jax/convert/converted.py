@@ -1,8 +1,8 @@
 """Our own on-disk format for converted weights: an Orbax checkpoint of the params and, beside it,
 `flax_module.json` naming the module class and its fields, and `checksums.json`, a checksum of every
-array (Orbax's files have none: a damaged file could read back as other weights). Converting a 3.4 GB SD UNet from PyTorch
-takes a while; doing it once (`diffrestorer-convert`) and loading this format afterwards skips the
-renaming/transposing, and needs neither torch nor the original files.
+array (Orbax's files have none: a damaged file could read back as other weights). Converting a
+3.4 GB SD UNet from PyTorch takes a while; doing it once (`diffrestorer-convert`) and loading this
+format afterwards skips the renaming/transposing, and needs neither torch nor the original files.
 """
 import dataclasses
 import json

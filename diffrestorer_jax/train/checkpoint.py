@@ -7,8 +7,9 @@ One checkpoint step = three items, so a run restarts exactly where it was:
 Each step also carries small run facts as Orbax step metadata (`run_info`: the frozen weights'
 fingerprint), read back by `saved_run_info`, and a checksum of every state array (`state_checksums`):
 Orbax's files have none, so a damaged file could restore as other numbers without an error; a
-restore that does not give back the saved values raises `DamagedCheckpoint` naming the arrays. Temporary folders of saves that a kill interrupted are
-removed when the manager opens the directory; only committed steps are ever restored.
+restore that does not give back the saved values raises `DamagedCheckpoint` naming the arrays.
+Temporary folders of saves that a kill interrupted are removed when the manager opens the
+directory; only committed steps are ever restored.
 Restore takes a *target*: the abstract state whose ShapeDtypeStructs carry the shardings wanted now
 (`sharding.abstract_with_shardings`). Orbax reads each shard straight into that layout, so a
 checkpoint written on a (2, 4) mesh loads onto (8, 1) or one device, and the restored arrays carry the
@@ -183,8 +184,6 @@ class ShapeMismatch(ValueError):
 
 class DamagedCheckpoint(ValueError):
     """A checkpoint step's state read back with other values than were saved (a damaged file)."""
-
-
 
 
 def _shapes_by_name(tree) -> dict:
