@@ -7,7 +7,7 @@ PACKAGE = "diffrestorer_jax"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), PACKAGE)
 # Bottom to top; a module's layer is that of its top-level package or module under diffrestorer_jax.
 LAYERS = [
-    {"xla_cpu", "atomic", "paths", "config_base", "models", "data", "diffusion"},
+    {"xla_cpu", "atomic", "checksums", "paths", "config_base", "models", "data", "diffusion"},
     {"convert", "metrics"},
     {"parallel"},
     {"export"},
