@@ -12,9 +12,10 @@ by `weights.init_from`):
   prior_clip   the CLIP vision tower with the prompt processor's classifier, on cross-entropy alone:
                the LQ image (degraded in the step as in stage 1) -> its degradation type. It stands
                in for CLIP's pretraining, which a random tower lacks: stage 1 then trains its prompt
-               processor afresh on the trained tower. Not in the demo recipe: on its validation
-               photos it named 41-42% of the degradations right against 39% without it, and its
-               prompts did not help the decoder (demo/README.md, 2026-12-07).
+               processor afresh on the trained tower. Not in the demo recipe yet: reading 64 px
+               or 128 px in 16-px patches it named 41-42% of the validation photos' degradations
+               right (39% without it); reading 128 px in 8-px patches, 72%, and the decoder
+               restored the held-out photos better with its prompts (demo/README.md, 2026-12-07).
 """
 from typing import Any, Dict
 
