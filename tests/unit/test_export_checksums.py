@@ -10,6 +10,7 @@ import pytest
 from diffrestorer_jax import checksums
 from diffrestorer_jax.export import CHECKSUMS_FILE, DamagedExport, load_export
 from diffrestorer_jax.infer.restorer import Restorer, RestoreError
+import damage
 from exports import tiny_export
 
 
@@ -23,25 +24,12 @@ def test_a_changed_byte_never_loads_as_other_weights(tmp_path):
     expected = _leaves(params)
     assert set(json.loads((tmp_path / "export" / CHECKSUMS_FILE).read_text())) == set(
         checksums.state_checksums(params))
-    data = [p for p in (tmp_path / "export" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
-    largest = max(data, key=lambda p: p.stat().st_size)
-    original = largest.read_bytes()
-    outcomes, message = [], ""
-    for where in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
-        changed = bytearray(original)
-        changed[int(len(changed) * where)] ^= 0x10
-        largest.write_bytes(bytes(changed))
-        try:
-            _, _, params = load_export(export)
-        except DamagedExport as e:
-            outcomes.append("damaged")
-            message = str(e)
-        except Exception:  # noqa: BLE001  Orbax could not read it: not silent either
-            outcomes.append("unreadable")
-        else:  # a byte no array reads (Orbax's store is append-only): the saved weights
+    outcomes, message = damage.load_after_each_changed_byte(
+        damage.largest_file(tmp_path / "export" / "params"), lambda: load_export(export)[2], DamagedExport)
+    for params in outcomes:
+        if not isinstance(params, str):  # a byte no array reads: the saved weights
             for got, want in zip(_leaves(params), expected):
                 np.testing.assert_array_equal(got, want)
-            outcomes.append("as saved")
     assert "damaged" in outcomes, outcomes
     assert "the export is damaged: 1 parameter array(s) read back are not what was saved" in message
     assert message.endswith("copy or export it again")
