@@ -8,6 +8,7 @@ stage it starts and writes the stage's export; told to (FAKE_STOP=<stage>) it pr
 prints after a SIGTERM ("training preempted") and exits 0 as the real one does. The stand-in
 diffrestorer-average-exports writes to --out as the real one does through atomic.py: a failed write
 (FAKE_DISK_FULL_AT=<out>) leaves --out as it was (tests/unit/test_atomic.py tests that part)."""
+import json
 import os
 import shutil
 import signal
@@ -18,20 +19,22 @@ import procs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "launch", "demo_train.sh")
-STAGES = ["prior_vae", "prior_unet", "stage1", "stage2", "stage2_whole"]
+STAGES = ["prior_vae", "prior_unet", "stage1", "stage2", "stage2_whole", "prior_clip", "stage1_clip", "stage2_clip"]
 
 PYTHON = """#!/bin/bash
 # python -m diffrestorer_jax.cli.demo_photos DIR [--dead-leaves N ...]
 mkdir -p "$3"
-if [[ "${4:-}" == --dead-leaves ]]; then (cd "$3" && touch $(seq -f 'dead_leaves_%05g.png' 0 599))
+if [[ "${4:-}" == --dead-leaves ]]; then (cd "$3" && touch $(seq -f 'dead_leaves_%05g.png' 0 $(( $5 - 1 ))))
 else touch "$3/camera.png"; fi
 """
 
 TRAIN = """#!/bin/bash
+all_args=("$@")
 while (( $# )); do
   case "$1" in --workdir) wd=$2; shift ;; --config.train.num_steps=*) steps=${1#*=} ;; esac; shift
 done
 name=$(basename "$wd"); echo "$name" >> "$FAKE_LOG"
+mkdir -p "$(dirname "$wd")"; printf '%s\n' "${all_args[@]}" > "$wd.args"
 echo "step 10 loss=1"
 if [[ "${FAKE_WAIT_FOR_TERM:-}" == "$name" ]]; then  # a long stage: SIGTERM saves, printing as it goes
   trap 'sleep 0.3; echo "preempted: checkpoint saved at step 10"; echo saved > "$wd.saved"
@@ -89,7 +92,8 @@ def test_a_stopped_stage_stops_the_script(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert stages == STAGES
     first = (root / "demo" / "checkpoint" / "config.json").read_text()
-    assert first == "stage2 3000 steps, run 1\nstage2_whole 300 steps, run 1\n"
+    # the last stage's export, copied (averaged with itself)
+    assert first == "stage2_clip 600 steps, run 1\nstage2_clip 600 steps, run 1\n"
 
     proc, stages = _run(root, bin_dir, 2, FAKE_STOP="prior_vae", VAE_STEPS=6000)
     assert proc.returncode != 0
@@ -157,3 +161,28 @@ def test_a_sigterm_to_the_whole_process_group_still_saves(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_last_stage_trains_the_shipped_model(tmp_path):
+    """The flags that shape the networks in the recipe's last stage are the shipped checkpoint's
+    config (demo/checkpoint/config.json): a recipe that drifted from what was shipped (the CLIP's
+    image size or patches, the decoder's width) would train another model under the same name."""
+    root, bin_dir = _checkout(tmp_path)
+    proc, stages = _run(root, bin_dir, 1)
+    assert proc.returncode == 0, proc.stderr
+    flags = (root / "workdir_demo" / "stage2_clip.args").read_text().splitlines()
+    model = {}
+    for flag in flags:
+        if flag.startswith("--config.model.") or flag.startswith("--config.sampler."):
+            key, value = flag[len("--config."):].split("=", 1)
+            model[key] = value
+    assert {"model.clip.image_size", "model.clip.patch_size", "model.decoder.rdb_growth",
+            "sampler.tile"} <= set(model)
+    with open(os.path.join(REPO, "demo", "checkpoint", "config.json")) as f:
+        shipped = json.load(f)
+    for key, value in model.items():
+        section, *names = key.split(".")
+        got = shipped[section]
+        for name in names:
+            got = got[name]
+        assert str(got).lower() == value.lower(), (key, got, value)
