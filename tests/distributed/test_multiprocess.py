@@ -35,11 +35,13 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_host_tree_placed_on_a_mesh_across_processes(tmp_path):
     """What stage 2 does with the stage-1 export it starts from: each process loaded the whole tree,
-    `shard_tree` puts it on a mesh whose devices two processes own (jax.device_put refuses that)."""
+    `shard_tree` puts it on a mesh whose devices two processes own (jax.device_put refuses that). The
+    checksums saved with checkpoints and exports are the same for it as for the host tree."""
     results = procs.run_workers(procs.script("shard_tree_worker.py"), [[], []], procs.distributed_envs(2, 4),
                                 str(tmp_path), timeout=300)
     for i, (rc, out) in enumerate(results):
         assert rc == 0 and f"SHARDED OK on process {i} of 2" in out, out[-3000:]
+        assert f"CHECKSUMS OK on process {i}" in out, out[-3000:]
 
 
 def _two(args, tmp_path, tag):

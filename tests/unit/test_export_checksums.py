@@ -49,6 +49,16 @@ def test_host_and_device_checksums_agree_and_see_one_bit():
                    for k, v in tree.items()}
     assert checksums.state_checksums(cpu_sharded) == on_host
     assert checksums._checksum_program(None)([tree["f32"]])[0] == on_host["f32"]  # the device program
+    # split over both axes of a mesh: each shard summed at its place in the whole; shards of over
+    # _HOST_CHUNK words go by slabs
+    grid = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+    split = {"f32": (tree["f32"][:36, :4], jax.sharding.PartitionSpec("a", "b")),
+             "rows": (rng.normal(size=(checksums._HOST_CHUNK // 2 + 4, 4)).astype(np.float32),
+                      jax.sharding.PartitionSpec("a"))}
+    for name, (x, spec) in split.items():
+        placed = jax.device_put(x, jax.sharding.NamedSharding(grid, spec))
+        assert checksums.state_checksums({name: placed}) == checksums.state_checksums({name: x}), name
+        assert checksums.state_checksums({name: placed})[name] == int(checksums._checksum_program(None)([x])[0])
     flipped = tree["f32"].copy()
     flipped.view(np.uint32)[3, 1] ^= 1
     assert checksums.differing(on_host, checksums.state_checksums({**tree, "f32": flipped})) == ["f32"]
