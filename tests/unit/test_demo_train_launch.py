@@ -152,12 +152,14 @@ def test_a_sigterm_to_the_whole_process_group_still_saves(tmp_path):
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-        saved = root / "workdir_demo" / "prior_vae.saved"
+        saved, stage_log = root / "workdir_demo" / "prior_vae.saved", root / "workdir_demo" / "prior_vae.log"
+        # tee writes the trainer's last lines after the trainer has saved: wait for both (under load
+        # the log's last line came a moment after the saved file)
         deadline = time.monotonic() + 10
-        while not saved.exists() and time.monotonic() < deadline:
+        while not (saved.exists() and "training preempted" in stage_log.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert saved.exists(), "the stage was killed before it saved"
-        assert "training preempted" in (root / "workdir_demo" / "prior_vae.log").read_text()
+        assert "training preempted" in stage_log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
