@@ -149,20 +149,25 @@ def check_values(directory: str, params) -> None:
             f"was saved ({'; '.join(differ[:5])}{'; ...' if len(differ) > 5 else ''}); copy or export it again")
 
 
-def compare_exports(a: str, b: str) -> Dict[str, float]:
+def compare_exports(a: str, b: str) -> Dict[str, Optional[float]]:
     """Largest absolute parameter difference per network between two exports (0.0: bit for bit
-    the same). Raises ValueError if they hold differently shaped networks (other configs)."""
+    the same; None: shaped differently, other configs, not compared), so a stage's export can be
+    checked against a checkpoint whose later stages changed one network. Raises ValueError if no
+    network is shaped alike."""
     _, _, params_a = load_export(a)
     _, _, params_b = load_export(b)
+
+    def max_abs_diff(x, y):
+        return float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)), initial=0.0))
     diffs = {}
     for name in dr.NETWORKS:
         if jax.tree.map(lambda x: x.shape, params_a[name]) != jax.tree.map(lambda x: x.shape, params_b[name]):
-            raise ValueError(f"{a} and {b} hold differently shaped '{name}' networks (other configs): "
-                             "nothing to compare")
-        def max_abs_diff(x, y):
-            return float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)), initial=0.0))
+            diffs[name] = None
+            continue
         diffs[name] = max(jax.tree.leaves(jax.tree.map(max_abs_diff, params_a[name], params_b[name])),
                           default=0.0)
+    if all(d is None for d in diffs.values()):
+        raise ValueError(f"{a} and {b} hold no network shaped alike (other configs): nothing to compare")
     return diffs
 
 

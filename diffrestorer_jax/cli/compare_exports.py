@@ -3,7 +3,9 @@
     diffrestorer-compare-exports demo/checkpoint workdir_demo/stage2/export
 
 Prints the largest absolute parameter difference of each network and whether the two are bit for
-bit identical; exits 0 either way (1 only when they cannot be compared).
+bit identical; a network shaped differently in the two (another config, e.g. a larger decoder) is
+named and left out, so an early stage's export can be checked against the finished checkpoint.
+Exits 0 either way (1 only when no network can be compared).
 """
 import argparse
 import sys
@@ -25,9 +27,14 @@ def main(argv=None) -> int:
         print(f"cannot compare: {e}", file=sys.stderr)
         return 1
     for name, d in diffs.items():
-        print(f"{name:8s} max |difference| {d:.3g}")
-    same = all(d == 0.0 for d in diffs.values())
-    print("identical parameters" if same else "parameters differ")
+        print(f"{name:8s} " + ("shaped differently (other configs): not compared" if d is None
+                               else f"max |difference| {d:.3g}"))
+    compared = [d for d in diffs.values() if d is not None]
+    same = all(d == 0.0 for d in compared)
+    if len(compared) < len(diffs):
+        print(f"the {len(compared)} networks compared: " + ("identical parameters" if same else "parameters differ"))
+    else:
+        print("identical parameters" if same else "parameters differ")
     return 0
 
 
