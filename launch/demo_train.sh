@@ -21,8 +21,8 @@
 # Stages 6-8 were added on 2026-12-07 to the five before (a classifier that names the degradation
 # right is worth about a decibel: demo/README.md); they are the commands that made the shipped
 # checkpoint (run from scratch in one go on the AMD VM, 2026-12-08, the first five stages and the
-# average came out the shipped ones bit for bit: demo/README.md). Step counts: about 2 h 45 min on a
-# 2-core AMD CPU and 3 h 50 min on a 2-core Intel one by estimate (see demo/README.md for the
+# average came out the shipped ones bit for bit: demo/README.md). Step counts: 2 h 41 min measured on a
+# 2-core AMD CPU and about 3 h 50 min on a 2-core Intel one by estimate (see demo/README.md for the
 # measured wall times; compiling is a minute or two of each stage). A stage that is stopped (SIGTERM: it saves
 # and exits 0) or fails stops the script, before any later stage, with a non-zero exit status; it
 # resumes from its last checkpoint when the script is run again (every stage's workdir keeps its
