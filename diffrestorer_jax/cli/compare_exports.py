@@ -31,10 +31,8 @@ def main(argv=None) -> int:
                                else f"max |difference| {d:.3g}"))
     compared = [d for d in diffs.values() if d is not None]
     same = all(d == 0.0 for d in compared)
-    if len(compared) < len(diffs):
-        print(f"the {len(compared)} networks compared: " + ("identical parameters" if same else "parameters differ"))
-    else:
-        print("identical parameters" if same else "parameters differ")
+    some = f"the {len(compared)} networks compared: " if len(compared) < len(diffs) else ""
+    print(some + ("identical parameters" if same else "parameters differ"))
     return 0
 
 
